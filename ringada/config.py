@@ -36,6 +36,8 @@ class RunConfig:
     """Log a progress line every this many steps."""
     threads: int = 0
     """torch intra-op threads per process (0: torch's default; torchrun ranks default to 1)."""
+    message_log: bool = False
+    """Debug: each rank writes every point-to-point message it sent to out_dir/messages/rank<r>.json."""
 
 
 @dataclass(kw_only=True)

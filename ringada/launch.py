@@ -1,20 +1,14 @@
-"""Pick the runtime for pipeline.mode and the world torchrun gave us."""
+"""Pick the runtime for pipeline.mode."""
 
 from __future__ import annotations
-
-import os
 
 from .config import Config, ConfigError
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def train(cfg: Config) -> dict:
+def train(cfg: Config) -> dict | None:
     mode = cfg.pipeline.mode
-    if mode == "single":
-        from .train import run_single
+    if mode in ("single", "ring", "line"):
+        from .runtime import train as run_pipeline
 
-        return run_single(cfg)
-    raise ConfigError(f"pipeline.mode: {mode!r} is not available in this version; use single")
+        return run_pipeline(cfg)
+    raise ConfigError(f"pipeline.mode: {mode!r} is not available in this version; use single, ring or line")

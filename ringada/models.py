@@ -334,10 +334,22 @@ class CutModel:
         return self.head(hidden, attention_mask)
 
 
+class NotHeld(nn.Module):
+    """Stands where a module this process does not hold was (no weights; libraries that walk the model, such as
+    peft's tied-embedding check, still find a module there)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{self.name} is not held by this process")
+
+
 def _drop_module(model: nn.Module, dotted: str) -> None:
     parent_name, _, child = dotted.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, None)
+    setattr(parent, child, NotHeld(dotted))
 
 
 def load_model(path: str, task: str = "causal_lm", num_labels: int = 0, *, blocks: tuple[int, int] | None = None,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ringada.models import CutModel, load_model, save_tiny
+from ringada.models import CutModel, NotHeld, load_model, save_tiny
 
 
 def _inputs(seed=0, vocab=128):
@@ -57,7 +57,9 @@ def test_slices_held_by_different_processes_chain_to_the_unsplit_model(tiny_dirs
 
 def test_middle_slice_holds_no_embedding_or_head(tiny_dirs):
     middle = load_model(str(tiny_dirs["llama"]), blocks=(1, 3), embed=False, head=False)
-    assert middle.model.model.embed_tokens is None and middle.model.lm_head is None
+    assert isinstance(middle.model.model.embed_tokens, NotHeld) and isinstance(middle.model.lm_head, NotHeld)
+    assert sum(p.numel() for p in middle.model.parameters()) < sum(p.numel() for p in load_model(
+        str(tiny_dirs["llama"])).model.parameters()) / 2
     with pytest.raises(AssertionError):
         middle.run_block(0, torch.zeros(1, 2, 32), {})
 

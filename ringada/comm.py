@@ -1,0 +1,188 @@
+"""The one module that calls torch.distributed point-to-point: a tensor-only wire format with byte counters.
+
+Wire format (Note: wire format). A message is a fixed int64 header followed by its payload tensors, each sent
+as a separate tagged isend:
+
+    header = [MAGIC, kind, step, micro_batch, n_tensors, (dtype, ndim, d0, d1, d2, d3) * MAX_TENSORS]
+
+The receiver pre-posts header receives for every message its plan expects (``expect``), then on ``recv`` checks
+the header against what it expects (kind, step, micro-batch), allocates the payload from the header and receives
+it. No pickle, no object collectives: names (e.g. adapter keys) travel as uint8 tensors.
+
+Tags are derived from (step, direction/kind, micro-batch, part), so a message can never land in a buffer meant
+for another. Sends never block the caller: their works are kept and waited for in ``flush`` (end of a step),
+which keeps the send buffers alive until then. On gloo, batched P2P (batch_isend_irecv) is avoided on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0x52494E47  # "RING"
+MAX_TENSORS = 3
+HEADER_LEN = 5 + 6 * MAX_TENSORS
+HEADER_BYTES = HEADER_LEN * 8
+MAX_MICRO_BATCHES = 4096
+
+# Message kinds.
+ACT, GRAD, LABELS, ADAPTERS = 1, 2, 3, 4
+KIND_NAMES = {ACT: "activation", GRAD: "gradient", LABELS: "labels", ADAPTERS: "adapters"}
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool,
+           torch.float64]
+_DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+
+
+def tag_for(step: int, kind: int, micro_batch: int, part: int) -> int:
+    """Unique per (step mod 64, kind, micro-batch, part); fits in a signed 32-bit tag."""
+    assert 0 <= micro_batch < MAX_MICRO_BATCHES and 0 <= part <= MAX_TENSORS
+    return ((((step % 64) * 8 + kind) * MAX_MICRO_BATCHES + micro_batch) * (MAX_TENSORS + 1)) + part
+
+
+def encode_header(kind: int, step: int, micro_batch: int, tensors: list[torch.Tensor]) -> torch.Tensor:
+    if len(tensors) > MAX_TENSORS:
+        raise ValueError(f"a message carries at most {MAX_TENSORS} tensors, got {len(tensors)}")
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    header[:5] = torch.tensor([MAGIC, kind, step, micro_batch, len(tensors)])
+    for i, t in enumerate(tensors):
+        if t.dim() > 4:
+            raise ValueError(f"tensor {i} has {t.dim()} dims; the wire format carries at most 4")
+        shape = list(t.shape) + [0] * (4 - t.dim())
+        header[5 + 6 * i: 11 + 6 * i] = torch.tensor([_DTYPE_CODE[t.dtype], t.dim(), *shape])
+    return header
+
+
+def decode_header(header: torch.Tensor) -> tuple[int, int, int, list[tuple[torch.dtype, tuple[int, ...]]]]:
+    values = header.tolist()
+    if values[0] != MAGIC:
+        raise RuntimeError(f"corrupt message header (magic {values[0]:#x})")
+    kind, step, micro_batch, count = values[1:5]
+    specs = []
+    for i in range(count):
+        code, ndim, *shape = values[5 + 6 * i: 11 + 6 * i]
+        specs.append((_DTYPES[code], tuple(shape[:ndim])))
+    return kind, step, micro_batch, specs
+
+
+def payload_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class Counters:
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    messages_sent: int = 0
+    messages_recv: int = 0
+    wait_s: float = 0.0  # time blocked waiting for data to arrive
+    sent_by_kind: dict = field(default_factory=dict)  # kind name -> [messages, bytes]
+    recv_by_kind: dict = field(default_factory=dict)
+
+    def add(self, direction: str, kind: int, nbytes: int) -> None:
+        table = self.sent_by_kind if direction == "sent" else self.recv_by_kind
+        entry = table.setdefault(KIND_NAMES[kind], [0, 0])
+        entry[0] += 1
+        entry[1] += nbytes
+        if direction == "sent":
+            self.bytes_sent += nbytes
+            self.messages_sent += 1
+        else:
+            self.bytes_recv += nbytes
+            self.messages_recv += 1
+
+
+class Wire:
+    """Point-to-point messages of one rank. ``sent_log`` records (kind, dst, step, mb) of every send."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device | None = None):
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device or torch.device("cpu")
+        self.counters = Counters()
+        self.sent_log: list[tuple[int, int, int, int]] = []
+        self._pending_sends: list = []
+        self._posted: dict[tuple[int, int, int, int], tuple[torch.Tensor, object]] = {}
+
+    # -- sending
+    def send(self, dst: int, kind: int, step: int, micro_batch: int, tensors: list[torch.Tensor]) -> None:
+        assert dst != self.rank, "a rank never sends to itself"
+        tensors = [t.detach().contiguous() for t in tensors]
+        header = encode_header(kind, step, micro_batch, tensors)
+        for part, t in enumerate([header, *tensors]):
+            self._pending_sends.append((dist.isend(t, dst, tag=tag_for(step, kind, micro_batch, part)), t))
+        self.counters.add("sent", kind, HEADER_BYTES + payload_bytes(tensors))
+        self.sent_log.append((kind, dst, step, micro_batch))
+
+    # -- receiving
+    def expect(self, src: int, kind: int, step: int, micro_batch: int) -> None:
+        """Pre-post the header receive of a message the plan says will come."""
+        key = (src, kind, step, micro_batch)
+        if key not in self._posted:
+            header = torch.empty(HEADER_LEN, dtype=torch.int64)
+            self._posted[key] = (header, dist.irecv(header, src, tag=tag_for(step, kind, micro_batch, 0)))
+
+    def recv(self, src: int, kind: int, step: int, micro_batch: int) -> list[torch.Tensor]:
+        self.expect(src, kind, step, micro_batch)
+        header, work = self._posted.pop((src, kind, step, micro_batch))
+        t0 = time.perf_counter()
+        work.wait()
+        got_kind, got_step, got_mb, specs = decode_header(header)
+        if (got_kind, got_step, got_mb) != (kind, step, micro_batch):
+            raise RuntimeError(f"rank {self.rank}: expected {KIND_NAMES[kind]} of step {step} mb {micro_batch} from "
+                               f"rank {src}, got {KIND_NAMES.get(got_kind, got_kind)} of step {got_step} mb {got_mb}")
+        tensors = [torch.empty(shape, dtype=dtype) for dtype, shape in specs]
+        works = [dist.irecv(t, src, tag=tag_for(step, kind, micro_batch, part + 1)) for part, t in enumerate(tensors)]
+        for w in works:
+            w.wait()
+        self.counters.wait_s += time.perf_counter() - t0
+        self.counters.add("recv", kind, HEADER_BYTES + payload_bytes(tensors))
+        return tensors
+
+    def flush(self) -> None:
+        """Wait for every outstanding send (their buffers are kept alive until here)."""
+        for work, _ in self._pending_sends:
+            work.wait()
+        self._pending_sends.clear()
+        assert not self._posted, f"rank {self.rank}: expected messages never consumed: {list(self._posted)}"
+
+
+def encode_names(names: list[str]) -> torch.Tensor:
+    data = "\n".join(names).encode()
+    return torch.tensor(list(data), dtype=torch.uint8)
+
+
+def decode_names(data: torch.Tensor) -> list[str]:
+    text = bytes(data.tolist()).decode()
+    return text.split("\n") if text else []
+
+
+def pack_state(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """A name -> tensor dict as three tensors: names (uint8), shapes (int64: ndim, dims...), values (fp32)."""
+    keys = sorted(state)
+    shapes = []
+    for k in keys:
+        shapes += [state[k].dim(), *state[k].shape]
+    values = torch.cat([state[k].detach().float().reshape(-1) for k in keys]) if keys else torch.zeros(0)
+    return [encode_names(keys), torch.tensor(shapes, dtype=torch.int64), values]
+
+
+def unpack_state(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    names_t, shapes_t, values = tensors
+    keys, shapes, out, i, offset = decode_names(names_t), shapes_t.tolist(), {}, 0, 0
+    for key in keys:
+        ndim = shapes[i]
+        shape = shapes[i + 1:i + 1 + ndim]
+        i += 1 + ndim
+        n = 1
+        for d in shape:
+            n *= d
+        out[key] = values[offset:offset + n].reshape(shape).clone()
+        offset += n
+    return out

@@ -1,0 +1,149 @@
+"""Ring and line on real gloo processes equal a plain transformers + peft loop on the same batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ringada import schedule as sched
+from ringada.comm import HEADER_BYTES
+from ringada.config import from_dict
+from ringada.data import load_dataset
+from ringada.train import trainable_count
+from tests.ranks import RankPool
+from tests.reference import assert_adapters_equal, reference_train
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    pool = RankPool(2)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    pool = RankPool(4)
+    yield pool
+    pool.close()
+
+
+def _cfg(out, model_dir, data, *, mode="ring", partition="even", schedule="1f1b", micro=2, kind="lora",
+         task="causal_lm", labels=0, unfreeze=None, optim=None, steps=5, batch=6, seq_len=16):
+    return {
+        "run": {"out_dir": str(out), "seed": 3, "steps": steps, "eval_batches": 2, "message_log": True},
+        "model": {"path": str(model_dir), "task": task, "num_labels": labels},
+        "adapter": {"kind": kind, "r": 4, "alpha": 8},
+        "data": {"train": str(data), "eval": str(data), "seq_len": seq_len, "batch_size": batch,
+                 "micro_batches": micro, "shuffle": True},
+        "optim": {"lr": 0.01, **(optim or {})},
+        "pipeline": {"mode": mode, "schedule": schedule, "partition": partition},
+        "unfreeze": unfreeze or {},
+    }
+
+
+def _check_against_reference(raw, model_dir, data, num_blocks=4):
+    """Final adapters and per-step losses equal the reference; returns (summary, metrics, cfg)."""
+    cfg = from_dict(raw)
+    out = cfg.run.out_dir
+    task = cfg.model.task
+    ds = load_dataset(str(data), "train", task=task, seq_len=cfg.data.seq_len, num_labels=cfg.model.num_labels)
+    steps, frontiers = [], []
+    for s in range(cfg.run.steps):
+        epoch, batch = ds.batch_at(s, cfg.data.batch_size, cfg.data.shuffle, cfg.run.seed)
+        steps.append([(m.input_ids, m.labels, m.attention_mask) for m in batch.split(cfg.data.micro_batches)])
+        frontiers.append(num_blocks - trainable_count(cfg.unfreeze, num_blocks, s, epoch, 0))
+    want, want_losses = reference_train(str(model_dir), f"{out}/adapter_init", steps, frontiers=frontiers,
+                                        lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                        grad_clip=cfg.optim.grad_clip, task=task, num_labels=cfg.model.num_labels,
+                                        kind=cfg.adapter.kind)
+    assert_adapters_equal(load_file(f"{out}/adapter/adapter_model.safetensors"), want)
+    metrics = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in metrics], dtype=torch.float64),
+                               torch.tensor(want_losses, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    assert [m["frontier"] for m in metrics] == frontiers
+    summary = json.loads(open(f"{out}/summary.json").read())
+    return summary, metrics, cfg
+
+
+def _check_messages(summary, metrics, cfg, out):
+    """Every rank sent exactly the activation/gradient messages its plans name, over all steps and evals."""
+    world = summary["world_size"]
+    expected = {r: [] for r in range(world)}
+    mode = "ring" if cfg.pipeline.mode == "ring" else "line"
+    head_trainable = cfg.model.task == "classification"
+    for m in metrics:
+        plan = sched.build_schedule(mode, summary["partition"], cfg.data.micro_batches, m["frontier"],
+                                    head_trainable, cfg.pipeline.schedule)
+        for msg in plan.messages():
+            expected[msg.src].append(["activation" if msg.kind == "F" else "gradient", msg.dst, m["step"], msg.mb])
+    got = {r: [row for row in json.load(open(f"{out}/messages/rank{r}.json")) if row[2] >= 0
+               and row[0] in ("activation", "gradient")] for r in range(world)}
+    for r in range(world):
+        assert sorted(got[r]) == sorted(expected[r]), f"rank {r}"
+
+
+CASES = {
+    "ring2-uneven-gpipe-3mb-moving-frontier-clip": dict(
+        world=2, family="llama", partition=[1, 3], schedule="gpipe", micro=3,
+        unfreeze={"initial": 1, "every": 2, "increment": 1}, optim={"weight_decay": 0.1, "grad_clip": 0.05}),
+    "ring2-gpt2-1f1b-6mb": dict(world=2, family="gpt2", partition="even", schedule="1f1b", micro=6),
+    "ring2-bottleneck-1mb": dict(world=2, family="llama", partition=[2, 2], schedule="1f1b", micro=1,
+                                 kind="bottleneck", unfreeze={"initial": 1, "every": 1, "increment": 2}),
+    "ring4-empty-initiator-1f1b-5mb-frontier-crosses-ranks": dict(
+        world=4, family="llama", partition=[0, 1, 2, 1], schedule="1f1b", micro=5,
+        unfreeze={"initial": 0, "every": 1, "increment": 1}),
+    "ring4-gpt2-gpipe-8mb-bottleneck": dict(world=4, family="gpt2", partition=[1, 1, 1, 1], schedule="gpipe",
+                                            micro=6, kind="bottleneck", batch=6),
+    "line4-1f1b-2mb": dict(world=4, family="llama", mode="line", partition=[1, 1, 1, 1], schedule="1f1b", micro=2,
+                           unfreeze={"initial": 2, "every": 2, "increment": 1}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_distributed_equals_reference(name, request, tmp_path, tiny_dirs, token_jsonl):
+    case = dict(CASES[name])
+    pool = request.getfixturevalue(f"pool{case.pop('world')}")
+    model_dir = tiny_dirs[case.pop("family")]
+    raw = _cfg(tmp_path / "out", model_dir, token_jsonl, **case)
+    pool.run(raw)
+    summary, metrics, cfg = _check_against_reference(raw, model_dir, token_jsonl)
+    _check_messages(summary, metrics, cfg, tmp_path / "out")
+    assert summary["world_size"] == pool.world_size and len(summary["ranks"]) == pool.world_size
+
+
+def test_ring_classification_with_padding(pool4, tmp_path, tiny_dirs):
+    rows = [{"input_ids": [(5 * i + j) % 120 + 1 for j in range(2 + i % 11)], "label": i % 3} for i in range(60)]
+    path = tmp_path / "cls.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    raw = _cfg(tmp_path / "out", tiny_dirs["bert"], path, task="classification", labels=3, partition=[1, 1, 1, 1],
+               micro=3, unfreeze={"initial": 0, "every": 2, "increment": 2})
+    pool4.run(raw)
+    summary, metrics, cfg = _check_against_reference(raw, tiny_dirs["bert"], path)
+    _check_messages(summary, metrics, cfg, tmp_path / "out")
+    assert metrics[0]["frontier"] == 4 and summary["eval_after"]["eval_accuracy"] >= 0
+
+
+def test_frontier_on_top_rank_leaves_lower_ranks_forward_only(pool4, tmp_path, tiny_dirs, token_jsonl):
+    """Only the top rank's block trains: ranks 1 and 2 do no backward, get no gradient, send activations only."""
+    raw = _cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, partition=[1, 1, 1, 1], micro=3,
+               unfreeze={"initial": 1, "every": 100})
+    pool4.run(raw)
+    summary, metrics, cfg = _check_against_reference(raw, tiny_dirs["llama"], token_jsonl)
+    ranks = summary["ranks"]
+    hidden = 32
+    for r in (1, 2):
+        assert ranks[r]["bwd_s"] == 0.0
+        assert ranks[r]["recv_by_kind"]["gradient"]["messages"] == 0
+        assert ranks[r]["sent_by_kind"]["gradient"]["messages"] == 0
+        act = ranks[r]["sent_by_kind"]["activation"]
+        # train steps + (before, after) x 2 eval batches, each split into micro-batches too
+        forwards = (cfg.run.steps + 2 * 2) * cfg.data.micro_batches
+        rows = cfg.run.steps * cfg.data.batch_size + 2 * 2 * cfg.data.batch_size
+        assert act["messages"] == forwards
+        assert act["bytes"] == forwards * HEADER_BYTES + rows * cfg.data.seq_len * hidden * 4
+    assert ranks[3]["bwd_s"] > 0 and ranks[3]["sent_by_kind"]["gradient"]["messages"] == 0
+    assert ranks[0]["sent_by_kind"]["gradient"]["messages"] == cfg.run.steps * cfg.data.micro_batches
