@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -352,26 +353,68 @@ def _drop_module(model: nn.Module, dotted: str) -> None:
     setattr(parent, child, NotHeld(dotted))
 
 
+def _checkpoint_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"model.path: {directory} has no model.safetensors (only safetensors weights load)")
+
+
+def _checkpoint_sources(model: nn.Module, directory: Path, tied_head: str | None, embed_key: str) -> dict:
+    """Held tensor name -> (file, checkpoint key). Keys are matched as saved, or with the base-model prefix added
+    or removed (a BertModel checkpoint loaded into BertForSequenceClassification); a tied head held without the
+    embedding reads the embedding's matrix."""
+    from safetensors import safe_open
+
+    wanted = set(model.state_dict(keep_vars=True))
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    sources = {}
+    for file in _checkpoint_files(directory):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                for name in (key, prefix + key, key.removeprefix(prefix)):
+                    if name in wanted:
+                        sources[name] = (file, key)
+                if tied_head and key == embed_key and tied_head in wanted:
+                    sources.setdefault(tied_head, (file, key))
+    return sources
+
+
+def _load_tensors(model: nn.Module, sources: dict) -> None:
+    """Read only the held tensors (safetensors reads by key: a rank never materializes the whole model)."""
+    from safetensors import safe_open
+
+    state = model.state_dict(keep_vars=True)
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (file, key) in sources.items():
+        by_file.setdefault(file, []).append((name, key))
+    with torch.no_grad():
+        for file, pairs in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                for name, key in pairs:
+                    state[name].copy_(f.get_tensor(key))
+
+
 def load_model(path: str, task: str = "causal_lm", num_labels: int = 0, *, blocks: tuple[int, int] | None = None,
                embed: bool = True, head: bool = True, seed: int = 0) -> CutModel:
     """Load a model in fp32 with its base frozen, keeping only blocks [lo, hi) and, if asked, embedding / head.
 
-    ``seed`` fixes the initialization of any new weights (a classification head), so every process that loads
-    the same model gets the same values.
+    The model is built on the meta device, cut, and only then given memory, so a process holds (and reads from
+    disk) only its own pieces. ``seed`` fixes the initialization of weights the checkpoint lacks (a new
+    classification head), so every process that loads the same model gets the same values.
     """
     directory = resolve_model_dir(path)
     config = read_config(str(directory))
     family_cls = family_for(config.model_type, task)
-    kwargs = {"num_labels": num_labels} if task == "classification" else {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = auto_class(config.model_type, task).from_pretrained(directory, dtype=torch.float32, **kwargs)
-    if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = getattr(model.config, "eos_token_id", 0)
-    model.requires_grad_(False)
-    # The frozen base runs in eval mode: its dropout would make results depend on how RNG draws are spread over
-    # processes. Adapter dropout stays on (see adapters.py).
-    model.eval()
+    if task == "classification":
+        config.num_labels = num_labels
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = getattr(config, "eos_token_id", None) or 0
+    with torch.device("meta"):
+        model = auto_class(config.model_type, task).from_config(config, dtype=torch.float32)
     family = family_cls(model, task)
     num_blocks = len(family.block_list())
     lo, hi = blocks if blocks is not None else (0, num_blocks)
@@ -381,9 +424,31 @@ def load_model(path: str, task: str = "causal_lm", num_labels: int = 0, *, block
     for i in range(num_blocks):
         if not lo <= i < hi:
             layer_list[i] = nn.Identity()  # keeps global block indices (and so adapter names) unchanged
-    # With tied embeddings, dropping one module leaves the matrix alive in the other if this process holds it.
     for name in (family.embedding_names() if not embed else []) + (family.head_names() if not head else []):
         _drop_module(model, name)
+    model.to_empty(device="cpu")
+    tied = getattr(config, "tie_word_embeddings", False) and task == "causal_lm"
+    if tied and embed and head:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    head_key = f"{family.head_names()[-1]}.weight" if tied and head and not embed else None
+    sources = _checkpoint_sources(model, directory, head_key, f"{family.embedding_names()[0]}.weight")
+    missing = (set(model.state_dict()) | {n for n, _ in model.named_buffers()}) - set(sources)
+    # Whatever the checkpoint lacks (a new head, non-persistent buffers such as rotary frequencies) is initialized
+    # module by module from a generator seeded by (seed, module name): the same values in every process.
+    owners = {name.rpartition(".")[0] for name in missing}
+    with torch.random.fork_rng(devices=[]):
+        for owner in sorted(owners):
+            torch.manual_seed((seed * 1_000_003 + zlib.crc32(owner.encode())) % 2**63)
+            model._init_weights(model.get_submodule(owner))
+    _load_tensors(model, sources)
+    buffers = {n for n, _ in model.named_buffers()}
+    new = sorted(missing - buffers)
+    if new:
+        log.info("initialized from seed %d (not in the checkpoint): %s", seed, ", ".join(new))
+    model.requires_grad_(False)
+    # The frozen base runs in eval mode: its dropout would make results depend on how RNG draws are spread over
+    # processes. Adapter dropout stays on (see adapters.py).
+    model.eval()
     return CutModel(model=model, family=family, num_blocks=num_blocks, lo=lo, hi=hi, has_embed=embed, has_head=head)
 
 

@@ -352,6 +352,9 @@ class PipelineRuntime:
 def _init_distributed(topo: Topology) -> torch.device:
     if topo.world_size == 1:
         return torch.device("cpu")
+    if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"):
+        # One box: keep gloo's listening sockets on loopback unless the user chose an interface.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from ringada.models import CutModel, NotHeld, load_model, save_tiny
+from ringada.models import CutModel, NotHeld, load_model, resolve_model_dir, save_tiny
 
 
 def _inputs(seed=0, vocab=128):
@@ -29,12 +30,18 @@ def _chain(pieces: list[CutModel], ids, mask):
     ("llama", "causal_lm", 0), ("gpt2", "causal_lm", 0), ("bert", "classification", 3),
     ("llama", "classification", 2), ("gpt2", "classification", 2)])
 def test_cut_equals_unsplit(tiny_dirs, family, task, labels):
+    """Pieces loaded by ringada, run in order == the model as transformers itself loads and runs it."""
     cut = load_model(str(tiny_dirs[family]), task, labels, seed=1)
+    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    reference = cls.from_pretrained(tiny_dirs[family], **({"num_labels": labels} if labels else {})).eval()
+    if task == "classification":  # a new head: give the reference ringada's (seeded) values
+        head = "classifier" if family == "bert" else "score"
+        reference.get_submodule(head).load_state_dict(cut.model.get_submodule(head).state_dict())
     ids, mask = _inputs()
     padded = ids.masked_fill(mask == 0, 0)  # padded positions hold the pad token, as ringada's data does
     with torch.no_grad():
         for x, m in ((padded, mask), (ids, None)):
-            expected = cut.model(input_ids=x, attention_mask=m).logits
+            expected = reference(input_ids=x, attention_mask=m).logits
             torch.testing.assert_close(cut.forward(x, m), expected, rtol=0, atol=1e-6)
 
 
@@ -81,6 +88,7 @@ def test_rejects_unknown_dirs_and_families(tmp_path):
 def test_real_smollm2_cut_equals_unsplit():
     cut = load_model("smollm2")
     assert cut.num_blocks == 30 and cut.model.config.hidden_size == 576
+    reference = AutoModelForCausalLM.from_pretrained(resolve_model_dir("smollm2")).eval()
     ids = torch.tensor([[1, 504, 3458, 314, 260, 1789, 28, 1163, 30, 216, 1401, 42]])
     with torch.no_grad():
-        torch.testing.assert_close(cut.forward(ids), cut.model(input_ids=ids).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(cut.forward(ids), reference(input_ids=ids).logits, rtol=0, atol=1e-5)

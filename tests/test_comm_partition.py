@@ -1,0 +1,78 @@
+"""Pure parts of the wire format and the partition solver (no processes)."""
+
+import itertools
+
+import pytest
+import torch
+
+from ringada import comm
+from ringada.partition import balanced_partition, block_ranges, even_partition
+
+
+def test_header_round_trip_for_every_dtype_and_rank():
+    tensors = [torch.zeros(2, 3, 4, dtype=torch.float32), torch.ones(5, dtype=torch.int64),
+               torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16)]
+    kind, step, mb, specs = comm.decode_header(comm.encode_header(comm.GRAD, 17, 5, tensors))
+    assert (kind, step, mb) == (comm.GRAD, 17, 5)
+    assert specs == [(t.dtype, tuple(t.shape)) for t in tensors]
+    assert comm.encode_header(comm.ACT, 0, 0, []).numel() * 8 == comm.HEADER_BYTES
+
+
+def test_header_rejects_what_it_cannot_carry():
+    with pytest.raises(ValueError, match="at most 3 tensors"):
+        comm.encode_header(comm.ACT, 0, 0, [torch.zeros(1)] * 4)
+    with pytest.raises(ValueError, match="at most 4"):
+        comm.encode_header(comm.ACT, 0, 0, [torch.zeros(1, 1, 1, 1, 1)])
+    bad = comm.encode_header(comm.ACT, 0, 0, [])
+    bad[0] = 7
+    with pytest.raises(RuntimeError, match="corrupt"):
+        comm.decode_header(bad)
+
+
+def test_tags_are_unique_and_fit_in_int32():
+    tags = {comm.tag_for(step, kind, mb, part)
+            for step, kind, mb, part in itertools.product(range(64), (1, 2, 3, 4), range(0, 4096, 97), range(4))}
+    assert len(tags) == 64 * 4 * len(range(0, 4096, 97)) * 4
+    assert max(tags) < 2**31 and min(tags) >= 0
+    assert comm.tag_for(-1, 1, 0, 0) == comm.tag_for(63, 1, 0, 0)  # eval steps wrap like any step
+
+
+def test_state_packs_into_three_tensors_and_back():
+    state = {"b.weight": torch.randn(3, 4), "a.bias": torch.randn(7), "c.scalar": torch.tensor(2.5)}
+    packed = comm.pack_state(state)
+    assert [t.dtype for t in packed] == [torch.uint8, torch.int64, torch.float32]
+    back = comm.unpack_state(packed)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert comm.unpack_state(comm.pack_state({})) == {}
+
+
+def _brute_force(num_blocks, extra, minimum):
+    best = None
+    for split in itertools.product(range(num_blocks + 1), repeat=len(extra)):
+        if sum(split) != num_blocks or any(b < m for b, m in zip(split, minimum)):
+            continue
+        load = max(e + b for e, b in zip(extra, split))
+        best = load if best is None else min(best, load)
+    return best
+
+
+@pytest.mark.parametrize("num_blocks", [1, 4, 7, 12])
+@pytest.mark.parametrize("extra", [[0, 0], [3.5, 0, 0], [8, 0, 0, 0], [0, 1, 0, 2.5], [12, 0, 0]])
+def test_balanced_partition_is_optimal(num_blocks, extra):
+    minimum = [0] + [1] * (len(extra) - 1)
+    if sum(minimum) > num_blocks:
+        with pytest.raises(ValueError, match="at least"):
+            balanced_partition(num_blocks, extra, minimum)
+        return
+    split = balanced_partition(num_blocks, extra, minimum)
+    assert sum(split) == num_blocks and all(b >= m for b, m in zip(split, minimum))
+    assert max(e + b for e, b in zip(extra, split)) == _brute_force(num_blocks, extra, minimum)
+
+
+def test_even_partition_puts_the_head_cost_on_the_right_rank():
+    assert even_partition(30, 4, "ring", head_cost=8.0) == [2, 10, 9, 9]
+    assert even_partition(30, 4, "line", head_cost=8.0) == [10, 10, 9, 1]  # loads 10, 10, 9, 9
+    assert even_partition(4, 4, "ring", head_cost=20.0) == [0, 2, 1, 1]
+    assert even_partition(8, 2, "ring", head_cost=0.0) == [4, 4]
+    assert block_ranges([2, 0, 3]) == [(0, 2), (2, 2), (2, 5)]
