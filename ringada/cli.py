@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     show = sub.add_parser("config", help="print the resolved config (defaults + file + --set) and exit")
     _add_config_args(show)
+    plan = sub.add_parser("plan", help="print the per-rank pipeline plan of one step (no processes started)",
+                          description="Print the partition and each rank's action list (F/B = forward/backward of "
+                          "stage.micro-batch, sF/rF = send/receive activations, sB/rB = gradients) for one step.")
+    _add_config_args(plan)
+    plan.add_argument("--world", type=int, required=True, help="number of ranks")
+    plan.add_argument("--step", type=int, default=0, help="optimizer step whose frontier to use (default 0)")
+    plan.add_argument("--compute-only", action="store_true", help="hide sends and receives")
     return parser
 
 
@@ -55,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(config_mod.dump(cfg), end="")
         return 0
+    if args.command == "plan":
+        return _print_plan(cfg, args)
     if args.command == "train":
         from .launch import train
 
@@ -65,6 +74,28 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     return 2
+
+
+def _print_plan(cfg, args) -> int:
+    from . import schedule
+    from .runtime import make_topology
+    from .train import trainable_count
+
+    try:
+        topo = make_topology(cfg, 0, args.world)
+    except (config_mod.ConfigError, ValueError) as e:
+        print(f"ringada: config error: {e}", file=sys.stderr)
+        return 2
+    num_blocks = sum(topo.partition)
+    trainable = trainable_count(cfg.unfreeze, num_blocks, args.step, 0, 0)
+    mode = "ring" if cfg.pipeline.mode == "ring" else "line"
+    plan = schedule.build_schedule(mode, topo.partition, cfg.data.micro_batches, num_blocks - trainable,
+                                   cfg.model.task == "classification", cfg.pipeline.schedule)
+    print(f"{cfg.pipeline.mode}, blocks per rank {topo.partition}, {cfg.pipeline.schedule}, "
+          f"{cfg.data.micro_batches} micro-batches, step {args.step}: {trainable} trainable blocks "
+          f"(frontier {num_blocks - trainable}); backward stages {plan.backward}")
+    print(plan.format(compute_only=args.compute_only))
+    return 0
 
 
 if __name__ == "__main__":

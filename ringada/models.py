@@ -430,7 +430,7 @@ def load_model(path: str, task: str = "causal_lm", num_labels: int = 0, *, block
     tied = getattr(config, "tie_word_embeddings", False) and task == "causal_lm"
     if tied and embed and head:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    head_key = f"{family.head_names()[-1]}.weight" if tied and head and not embed else None
+    head_key = f"{family.head_names()[-1]}.weight" if tied and head else None
     sources = _checkpoint_sources(model, directory, head_key, f"{family.embedding_names()[0]}.weight")
     missing = (set(model.state_dict()) | {n for n, _ in model.named_buffers()}) - set(sources)
     # Whatever the checkpoint lacks (a new head, non-persistent buffers such as rotary frequencies) is initialized

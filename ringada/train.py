@@ -23,6 +23,7 @@ from torch import nn
 from . import config as config_mod
 from .adapters import Adapters
 from .config import Config, UnfreezeConfig
+from .schedule import trainable_blocks
 from .data import Batch, Dataset, load_dataset
 from .models import CutModel, load_tokenizer
 
@@ -33,11 +34,10 @@ log = logging.getLogger(__name__)
 
 
 def trainable_count(cfg: UnfreezeConfig, num_blocks: int, step: int, epoch: int, plateaus: int) -> int:
-    """Trainable top blocks at optimizer step ``step`` (DESIGN: min(L, initial + increment * floor(s / every)))."""
-    if cfg.every == 0:
-        return num_blocks
-    counter = {"steps": step // cfg.every, "epochs": epoch // cfg.every, "plateau": plateaus}[cfg.by]
-    return min(num_blocks, cfg.initial + cfg.increment * counter)
+    """Trainable top blocks at optimizer step ``step`` (DESIGN: min(L, initial + increment * floor(s / every)));
+    ``by`` picks what is counted: steps, epochs, or plateaus (each plateau counts as ``every``)."""
+    counter = {"steps": step, "epochs": epoch, "plateau": plateaus * cfg.every}[cfg.by]
+    return trainable_blocks(counter, num_blocks, cfg.initial, cfg.every, cfg.increment)
 
 
 @dataclass
