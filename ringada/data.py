@@ -54,9 +54,15 @@ class Dataset:
     labels: torch.Tensor
     attention_mask: torch.Tensor | None
     name: str
+    groups: torch.Tensor | None = None  # per row: source document (causal LM) or label (classification)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def subset(self, rows: torch.Tensor, name: str) -> Dataset:
+        mask = self.attention_mask[rows] if self.attention_mask is not None else None
+        groups = self.groups[rows] if self.groups is not None else None
+        return Dataset(self.input_ids[rows], self.labels[rows], mask, name, groups)
 
     def take(self, index: torch.Tensor) -> Batch:
         mask = self.attention_mask[index] if self.attention_mask is not None else None
@@ -150,7 +156,9 @@ def pack(documents: list[list[int]], seq_len: int, name: str) -> Dataset:
     if n == 0:
         raise ValueError(f"{name}: {stream.numel()} tokens is less than one sequence of data.seq_len={seq_len}")
     ids = stream[:n * seq_len].view(n, seq_len)
-    return Dataset(input_ids=ids, labels=ids.clone(), attention_mask=None, name=name)
+    doc_of_token = torch.repeat_interleave(torch.arange(len(documents)), torch.tensor([len(d) for d in documents]))
+    groups = doc_of_token[torch.arange(n) * seq_len]  # the document each sequence starts in
+    return Dataset(input_ids=ids, labels=ids.clone(), attention_mask=None, name=name, groups=groups)
 
 
 def pad_examples(examples: list[tuple[list[int], int]], seq_len: int, pad_id: int, name: str) -> Dataset:
@@ -163,7 +171,7 @@ def pad_examples(examples: list[tuple[list[int], int]], seq_len: int, pad_id: in
         ids[row, :len(tokens)] = torch.tensor(tokens)
         mask[row, :len(tokens)] = 1
     labels = torch.tensor([label for _, label in examples], dtype=torch.long)
-    return Dataset(input_ids=ids, labels=labels, attention_mask=mask, name=name)
+    return Dataset(input_ids=ids, labels=labels, attention_mask=mask, name=name, groups=labels.clone())
 
 
 def load_dataset(spec: str, split: str, *, task: str, seq_len: int, tokenizer=None, num_labels: int = 0) -> Dataset:

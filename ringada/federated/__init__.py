@@ -1,0 +1,1 @@
+"""Pure pieces of star mode: aggregation, server scheduling, client selection, resource allocation."""
