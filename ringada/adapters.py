@@ -102,8 +102,8 @@ class Adapters:
         return sum(p.param.numel() for p in self.params)
 
 
-def _peft_key(name: str) -> str:
-    return name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+def _peft_key(name: str, adapter: str = "default") -> str:
+    return name.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}.", ".")
 
 
 def _block_of(key: str) -> int | None:
@@ -144,6 +144,36 @@ def add_adapters(cut: CutModel, cfg: AdapterConfig, seed: int, base_dir: str = "
     adapters = Adapters(kind=cfg.kind, params=params, config_json=config_json)
     reset_adapters(adapters, seed)
     return adapters
+
+
+def add_lora_sets(cut: CutModel, cfg: AdapterConfig, seed: int, sets: dict[str, tuple[int, int]],
+                  base_dir: str = "") -> tuple[nn.Module, dict[str, Adapters]]:
+    """Several named LoRA sets on one frozen base (the `sfl` server: one set per device, each on its own block
+    range, each with the head if this process holds it). Returns the peft model (``set_adapter(name)`` picks the
+    active set) and each set's tensors under the global peft keys, initialized like ``add_adapters``."""
+    from peft import get_peft_model
+
+    if cfg.kind != "lora":
+        raise ValueError(f"adapter.kind: got {cfg.kind!r}; star modes train per-device LoRA sets (use lora)")
+    heads = head_module_names(cut) if cut.has_head else []
+    peft_model, result = None, {}
+    for name, (lo, hi) in sets.items():
+        peft_cfg = lora_config(cfg, cut, base_dir)
+        peft_cfg.layers_to_transform = list(range(lo, hi))
+        peft_cfg.modules_to_save = heads or None
+        if peft_model is None:
+            peft_model = get_peft_model(cut.model, peft_cfg, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, peft_cfg)
+        marker = f".{name}."
+        named = [(_peft_key(n, name), p) for n, p in peft_model.named_parameters() if marker in n]
+        params = sorted((AdapterParam(key, p, _block_of(key)) for key, p in named), key=lambda a: a.key)
+        result[name] = Adapters(kind="lora", params=params, config_json=lora_config(cfg, cut, base_dir).to_dict())
+        reset_adapters(result[name], seed)
+    for adapters in result.values():
+        for a in adapters.params:
+            a.param.requires_grad_(True)
+    return peft_model, result
 
 
 def reset_adapters(adapters: Adapters, seed: int) -> None:

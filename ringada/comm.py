@@ -31,9 +31,10 @@ HEADER_LEN = 5 + 6 * MAX_TENSORS
 HEADER_BYTES = HEADER_LEN * 8
 MAX_MICRO_BATCHES = 4096
 
-# Message kinds.
-ACT, GRAD, LABELS, ADAPTERS = 1, 2, 3, 4
-KIND_NAMES = {ACT: "activation", GRAD: "gradient", LABELS: "labels", ADAPTERS: "adapters"}
+# Message kinds (at most 7: the tag reserves 3 bits for them).
+ACT, GRAD, LABELS, ADAPTERS, TOP, TOP_GRAD, CONTROL = 1, 2, 3, 4, 5, 6, 7
+KIND_NAMES = {ACT: "activation", GRAD: "gradient", LABELS: "labels", ADAPTERS: "adapters", TOP: "top_hidden",
+              TOP_GRAD: "top_gradient", CONTROL: "control"}
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool,
            torch.float64]

@@ -125,6 +125,46 @@ class UnfreezeConfig:
 
 
 @dataclass(kw_only=True)
+class StarConfig:
+    device_blocks: list[int] = field(default_factory=lambda: [2])
+    """Blocks on each device (one entry per device rank 1..U, or one entry for all). The server runs the rest."""
+    rounds: int = 1
+    """Federated rounds; run.steps must equal rounds * local_steps."""
+    local_steps: int = 1
+    """Optimizer steps each selected device runs per round."""
+    selection: Literal["all", "random", "ucb"] = "all"
+    """Which devices take part in a round: all, a seeded random subset, or MAVFL-style UCB."""
+    devices_per_round: int = 0
+    """How many devices random/ucb select per round (0: all)."""
+    schedule: Literal["fifo", "heuristic", "optimal"] = "heuristic"
+    """sfl: the order the server serves devices in: fifo, largest-tail-first among released, or optimal."""
+    min_devices: int = 1
+    """Fewer devices finishing a round than this skips its aggregation (the global adapter stays unchanged)."""
+    label_privacy: bool = False
+    """U-shape: head and loss stay on the device; the server returns the top hidden state."""
+    split: Literal["iid", "dirichlet"] = "iid"
+    """How training data is spread over devices."""
+    alpha: float = 0.5
+    """split=dirichlet: concentration (small: each device sees few labels / works)."""
+    mobility: Literal["none", "exponential", "uniform"] = "none"
+    """Dwell-time distribution per device and round; a device whose steps outlast it drops out."""
+    dwell_mean: float = 0.0
+    """Mean dwell time in seconds (mobility exponential/uniform)."""
+    ucb_c: float = 1.0
+    """selection=ucb: exploration weight."""
+
+
+@dataclass(kw_only=True)
+class CompressConfig:
+    topk: float = 1.0
+    """Keep ratio of top-k sparsification of activations and their gradients (1: off)."""
+    bits: int = 0
+    """Bits per kept value for unbiased stochastic quantization (0: float32)."""
+    lossless: Literal["none", "zlib", "lzma"] = "none"
+    """Lossless coding of the compressed payload."""
+
+
+@dataclass(kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -133,6 +173,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     unfreeze: UnfreezeConfig = field(default_factory=UnfreezeConfig)
+    star: StarConfig = field(default_factory=StarConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -343,6 +385,34 @@ def validate(cfg: Config) -> None:
         _require(pipe.partition in ("even",) or isinstance(pipe.partition, list) and len(pipe.partition) == 1,
                  f"pipeline.partition: got {pipe.partition!r}; pipeline.mode=single runs one process (use even)")
 
+    star, comp = cfg.star, cfg.compress
+    _require(star.rounds >= 1, f"star.rounds: got {star.rounds}; expected >= 1")
+    _require(star.local_steps >= 1, f"star.local_steps: got {star.local_steps}; expected >= 1")
+    _require(len(star.device_blocks) >= 1 and all(d >= 1 for d in star.device_blocks),
+             f"star.device_blocks: got {star.device_blocks}; expected one count >= 1 per device")
+    _require(star.devices_per_round >= 0, f"star.devices_per_round: got {star.devices_per_round}; expected >= 0")
+    _require(star.min_devices >= 1, f"star.min_devices: got {star.min_devices}; expected >= 1")
+    _require(star.alpha > 0, f"star.alpha: got {star.alpha}; expected > 0")
+    _require(star.dwell_mean >= 0, f"star.dwell_mean: got {star.dwell_mean}; expected >= 0")
+    _require(star.ucb_c >= 0, f"star.ucb_c: got {star.ucb_c}; expected >= 0")
+    if star.mobility != "none":
+        _require(star.dwell_mean > 0, f"star.dwell_mean: got {star.dwell_mean}; star.mobility={star.mobility} "
+                                      "needs a mean dwell time > 0 seconds")
+    _require(0 < comp.topk <= 1, f"compress.topk: got {comp.topk}; expected a keep ratio in (0, 1]")
+    _require(0 <= comp.bits <= 16, f"compress.bits: got {comp.bits}; expected 0 (off) to 16")
+    compressing = comp.topk < 1 or comp.bits > 0 or comp.lossless != "none"
+    if pipe.mode in ("sfl", "sft"):
+        _require(run.steps == star.rounds * star.local_steps,
+                 f"run.steps: got {run.steps}; star modes run star.rounds * star.local_steps = "
+                 f"{star.rounds} * {star.local_steps} = {star.rounds * star.local_steps} steps (set run.steps to it)")
+        _require(data.micro_batches == 1, f"data.micro_batches: got {data.micro_batches}; star modes send one batch "
+                                          "per device step (set it to 1)")
+        _require(unf.every == 0, f"unfreeze.every: got {unf.every}; star modes train all adapters (set it to 0)")
+        _require(adapter.kind == "lora", f"adapter.kind: got {adapter.kind!r}; star modes use per-device LoRA sets")
+    else:
+        _require(not compressing, f"compress: got topk={comp.topk}, bits={comp.bits}, lossless={comp.lossless!r}; "
+                                  "compression applies to the star modes (sfl, sft) only")
+
     _require(unf.initial >= 0, f"unfreeze.initial: got {unf.initial}; expected >= 0")
     _require(unf.every >= 0, f"unfreeze.every: got {unf.every}; expected >= 0 (0: all blocks train)")
     _require(unf.increment >= 1, f"unfreeze.increment: got {unf.increment}; expected >= 1")
@@ -350,9 +420,25 @@ def validate(cfg: Config) -> None:
     _require(unf.min_delta >= 0, f"unfreeze.min_delta: got {unf.min_delta}; expected >= 0")
 
 
+def mode_is_star(cfg: Config) -> bool:
+    return cfg.pipeline.mode in ("sfl", "sft")
+
+
 def check_against_model(cfg: Config, num_blocks: int, world_size: int) -> None:
     """Checks that need the number of blocks and the world size; still before any collective."""
-    unf = cfg.unfreeze
+    unf, star = cfg.unfreeze, cfg.star
+    if mode_is_star(cfg):
+        devices = world_size - 1
+        _require(devices >= 1, f"pipeline.mode: got {cfg.pipeline.mode!r} with WORLD_SIZE={world_size}; star modes "
+                               "need a server and >= 1 device (torchrun --nproc-per-node 1+U)")
+        _require(len(star.device_blocks) in (1, devices),
+                 f"star.device_blocks: got {star.device_blocks} ({len(star.device_blocks)} entries) for {devices} "
+                 f"devices (WORLD_SIZE={world_size} - 1 server); give one entry per device or one for all")
+        _require(max(star.device_blocks) < num_blocks,
+                 f"star.device_blocks: got {star.device_blocks}; the model has {num_blocks} blocks, so a device "
+                 f"holds at most {num_blocks - 1} (the server runs the rest)")
+        _require(star.min_devices <= devices, f"star.min_devices: got {star.min_devices} but there are only "
+                                              f"{devices} devices")
     _require(unf.initial <= num_blocks,
              f"unfreeze.initial: got {unf.initial}; the model has {num_blocks} blocks (expected <= {num_blocks})")
     mode = cfg.pipeline.mode

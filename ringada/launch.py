@@ -11,4 +11,9 @@ def train(cfg: Config) -> dict | None:
         from .runtime import train as run_pipeline
 
         return run_pipeline(cfg)
-    raise ConfigError(f"pipeline.mode: {mode!r} is not available in this version; use single, ring or line")
+    if mode in ("sfl", "sft"):
+        from .runtime import world_from_env
+        from .star import train_star
+
+        return train_star(cfg, *world_from_env())
+    raise ConfigError(f"pipeline.mode: {mode!r} is unknown; use single, ring, line, sfl or sft")

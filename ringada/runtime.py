@@ -84,6 +84,7 @@ def world_from_env() -> tuple[int, int]:
 
 def make_topology(cfg: Config, rank: int, world_size: int) -> Topology:
     mode = cfg.pipeline.mode
+    assert mode in ("single", "ring", "line"), f"the pipeline runtime does not run mode {mode}"
     if mode in ("ring", "line") and world_size < 2:
         raise ConfigError(f"pipeline.mode: got {mode!r} with WORLD_SIZE={world_size}; run it under torchrun with "
                           f">= 2 ranks (torchrun --nproc-per-node 4 -m ringada train ...), or use mode single")
@@ -311,32 +312,12 @@ class PipelineRuntime:
         return None
 
     def rank_summary(self) -> list[dict]:
-        """Every rank's timers and counters, gathered on every rank (a tensor all_gather)."""
-        c = self.wire.counters if self.wire else Counters()
+        """Every rank's timers and counters, gathered on every rank."""
         lo, hi = self.topo.blocks
-        scalars = {"rank": self.topo.rank, "lo": lo, "hi": hi, "fwd_s": self.timers.fwd_s,
-                   "bwd_s": self.timers.bwd_s, "wait_s": c.wait_s, "step_s": self.timers.step_s,
-                   "bytes_sent": c.bytes_sent, "bytes_recv": c.bytes_recv, "peak_rss_bytes": peak_rss_bytes(),
-                   "messages_sent": c.messages_sent, "messages_recv": c.messages_recv}
-        kinds = list(KIND_NAMES.values())
-        per_kind = [v for table in (c.sent_by_kind, c.recv_by_kind) for k in kinds for v in table.get(k, [0, 0])]
-        mine = torch.tensor(list(scalars.values()) + per_kind, dtype=torch.float64)
-        rows = [mine]
-        if self.topo.world_size > 1:
-            rows = [torch.zeros_like(mine) for _ in range(self.topo.world_size)]
-            dist.all_gather(rows, mine)
-        result = []
-        for row in rows:
-            values = row.tolist()
-            d = {k: (v if k.endswith("_s") else int(v)) for k, v in zip(scalars, values)}
-            d["blocks"] = [d.pop("lo"), d.pop("hi")]
-            tail = [int(v) for v in values[len(scalars):]]
-            for i, direction in enumerate(("sent", "recv")):
-                d[f"{direction}_by_kind"] = {k: {"messages": tail[(i * len(kinds) + j) * 2],
-                                                 "bytes": tail[(i * len(kinds) + j) * 2 + 1]}
-                                             for j, k in enumerate(kinds)}
-            result.append(d)
-        return result
+        return gather_rank_rows(self.topo.world_size, {"rank": self.topo.rank, "blocks": [lo, hi],
+                                                       "fwd_s": self.timers.fwd_s, "bwd_s": self.timers.bwd_s,
+                                                       "step_s": self.timers.step_s},
+                                self.wire.counters if self.wire else Counters())
 
     def write_message_log(self, out: Path) -> None:
         """run.message_log: every message this rank sent, as [kind, dst, step, micro_batch] rows."""
@@ -344,6 +325,35 @@ class PipelineRuntime:
             out.mkdir(parents=True, exist_ok=True)
             rows = [[KIND_NAMES[k], dst, step, mb] for k, dst, step, mb in self.wire.sent_log]
             (out / f"rank{self.topo.rank}.json").write_text(json.dumps(rows))
+
+
+def gather_rank_rows(world_size: int, own: dict, counters: Counters) -> list[dict]:
+    """All ranks' rows (a float64 tensor all_gather, no objects): ``own`` (numbers, and ``blocks`` [lo, hi]) plus
+    wait time, bytes and messages per direction and kind, and peak RSS."""
+    kinds = list(KIND_NAMES.values())
+    scalars = {**{k: v for k, v in own.items() if k != "blocks"}, "lo": own["blocks"][0], "hi": own["blocks"][1],
+               "wait_s": counters.wait_s, "bytes_sent": counters.bytes_sent, "bytes_recv": counters.bytes_recv,
+               "peak_rss_bytes": peak_rss_bytes(), "messages_sent": counters.messages_sent,
+               "messages_recv": counters.messages_recv}
+    per_kind = [v for table in (counters.sent_by_kind, counters.recv_by_kind) for k in kinds
+                for v in table.get(k, [0, 0])]
+    mine = torch.tensor(list(scalars.values()) + per_kind, dtype=torch.float64)
+    rows = [mine]
+    if world_size > 1:
+        rows = [torch.zeros_like(mine) for _ in range(world_size)]
+        dist.all_gather(rows, mine)
+    result = []
+    for row in rows:
+        values = row.tolist()
+        d = {k: (v if k.endswith("_s") else int(v)) for k, v in zip(scalars, values)}
+        d["blocks"] = [d.pop("lo"), d.pop("hi")]
+        tail = [int(v) for v in values[len(scalars):]]
+        for i, direction in enumerate(("sent", "recv")):
+            d[f"{direction}_by_kind"] = {k: {"messages": tail[(i * len(kinds) + j) * 2],
+                                             "bytes": tail[(i * len(kinds) + j) * 2 + 1]}
+                                         for j, k in enumerate(kinds)}
+        result.append(d)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------- the driver

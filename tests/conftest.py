@@ -33,3 +33,22 @@ def token_jsonl(tmp_path_factory):
         for _ in range(40):
             fh.write(json.dumps({"input_ids": [rng.randrange(1, 128) for _ in range(20)]}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def pool2():
+    """Two started ranks, shared by every multi-process test module."""
+    from tests.ranks import RankPool
+
+    pool = RankPool(2)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def pool4():
+    from tests.ranks import RankPool
+
+    pool = RankPool(4)
+    yield pool
+    pool.close()

@@ -22,7 +22,7 @@ def main(directory: str, rank: int, world_size: int) -> None:
     torch.set_num_threads(1)
     from ringada.cli import setup_logging
     from ringada.config import load
-    from ringada.runtime import train
+    from ringada.launch import train
 
     setup_logging(rank, "WARNING")
     k = 0

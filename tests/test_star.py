@@ -1,0 +1,107 @@
+"""Star mode on real gloo processes: SFL with one device equals plain single-process training; label privacy
+does not change what is learned; compression cuts the bytes on the wire; skipped rounds change nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ringada.config import from_dict
+from ringada.data import load_dataset
+from ringada.federated.shards import shard_rows
+from tests.reference import assert_adapters_equal, reference_train
+
+
+def _cfg(out, model_dir, data, *, mode="sfl", devices=(2,), rounds=2, local_steps=2, **star):
+    return {
+        "run": {"out_dir": str(out), "seed": 5, "steps": rounds * local_steps, "eval_batches": 2},
+        "model": {"path": str(model_dir)},
+        "adapter": {"r": 4, "alpha": 8},
+        "data": {"train": str(data), "eval": str(data), "seq_len": 16, "batch_size": 4},
+        "optim": {"lr": 0.01},
+        "pipeline": {"mode": mode},
+        "star": {"device_blocks": list(devices), "rounds": rounds, "local_steps": local_steps, **star},
+    }
+
+
+def _adapter(out):
+    return load_file(f"{out}/adapter/adapter_model.safetensors")
+
+
+def test_one_device_sfl_equals_single_process_training(pool2, tmp_path, tiny_dirs, token_jsonl):
+    raw = _cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, devices=[1], rounds=3, local_steps=2)
+    pool2.run(raw)
+    cfg = from_dict(raw)
+    ds = load_dataset(str(token_jsonl), "train", task="causal_lm", seq_len=16)
+    shard = ds.subset(shard_rows(ds.groups, 1, "iid", 0.5, cfg.run.seed, 4)[0], "device1")
+    steps = [[(b.input_ids, b.labels, None)] for b in
+             (shard.batch_at(s, 4, True, cfg.run.seed + 1)[1] for s in range(cfg.run.steps))]
+    want, want_losses = reference_train(str(tiny_dirs["llama"]), f"{tmp_path}/out/adapter_init", steps,
+                                        frontiers=[0] * len(steps), lr=0.01)
+    assert_adapters_equal(_adapter(tmp_path / "out"), want)
+    metrics = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in metrics]), torch.tensor(want_losses), rtol=1e-5,
+                               atol=0)
+    summary = json.loads(open(tmp_path / "out" / "summary.json").read())
+    assert [r["round_finished"] for r in summary["rounds_log"]] == [[1]] * 3
+    assert sorted(p.name for p in (tmp_path / "out" / "rounds").iterdir()) == ["round_0000", "round_0001",
+                                                                               "round_0002"]
+
+
+@pytest.mark.parametrize("mode", ["sfl", "sft"])
+def test_label_privacy_learns_the_same_adapters(pool4, tmp_path, tiny_dirs, token_jsonl, mode):
+    outs = {}
+    for privacy in (False, True):
+        out = tmp_path / f"privacy-{privacy}"
+        pool4.run(_cfg(out, tiny_dirs["llama"], token_jsonl, mode=mode, devices=[1, 2, 3], label_privacy=privacy,
+                       schedule="optimal"))
+        outs[privacy] = out
+    assert_adapters_equal(_adapter(outs[True]), _adapter(outs[False]))
+    # and the adapters did train: the global adapter moved away from its initialization
+    init = load_file(f"{outs[True]}/adapter_init/adapter_model.safetensors")
+    assert any(not torch.equal(init[k], v) for k, v in _adapter(outs[True]).items())
+    s = [json.loads(open(o / "summary.json").read()) for o in outs.values()]
+    assert s[0]["eval_loss"] == pytest.approx(s[1]["eval_loss"], rel=1e-5)
+    # under label privacy no labels travel and the server holds no head
+    assert all(r["sent_by_kind"]["labels"]["messages"] == 0 for r in s[1]["ranks"])
+    assert s[1]["ranks"][0]["recv_by_kind"]["top_gradient"]["messages"] > 0
+
+
+def test_sfl_server_keeps_one_base_and_a_lora_set_per_device(pool4, tmp_path, tiny_dirs, token_jsonl):
+    pool4.run(_cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, devices=[1, 2, 3], rounds=1))
+    server = json.loads(open(tmp_path / "out" / "summary.json").read())["server"]
+    assert server["sets"] == 3
+    # three copies of the server-side blocks (3, 2 and 1 of them) vs one base holding blocks 1..3
+    assert server["copy_per_device_base_bytes"] > server["base_bytes"]
+    assert server["held_bytes"] < server["copy_per_device_bytes"]
+    metrics = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert all(sorted(m["order"]) == [1, 2, 3] and m["predicted_makespan_s"] >= 0 for m in metrics)
+
+
+def test_compression_cuts_smashed_bytes(pool4, tmp_path, tiny_dirs, token_jsonl):
+    sizes = {}
+    for name, comp in {"plain": {}, "compressed": {"topk": 0.1, "bits": 4, "lossless": "zlib"}}.items():
+        raw = _cfg(tmp_path / name, tiny_dirs["llama"], token_jsonl, mode="sft", devices=[2, 2, 2], rounds=1)
+        raw["compress"] = comp
+        raw["data"]["seq_len"] = 64  # larger activations, so headers do not dominate
+        pool4.run(raw)
+        ranks = json.loads(open(tmp_path / name / "summary.json").read())["ranks"]
+        sizes[name] = sum(r["sent_by_kind"][k]["bytes"] for r in ranks for k in ("activation", "gradient"))
+    assert sizes["compressed"] <= 0.2 * sizes["plain"]
+
+
+def test_a_round_below_min_devices_leaves_the_global_adapter_unchanged(pool4, tmp_path, tiny_dirs, token_jsonl):
+    # round 0 has no measured step times, so nobody leaves; from round 1 the tiny dwell times make all drop out
+    raw = _cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, devices=[1, 2, 3], rounds=3, local_steps=2,
+               mobility="exponential", dwell_mean=1e-6, min_devices=2)
+    pool4.run(raw)
+    summary = json.loads(open(tmp_path / "out" / "summary.json").read())
+    log = summary["rounds_log"]
+    assert log[0]["round_finished"] == [1, 2, 3] and not log[0]["round_skipped"]
+    assert log[1]["round_skipped"] and log[1]["round_dropped"] == [1, 2, 3]
+    rounds = tmp_path / "out" / "rounds"
+    first, second = (load_file(rounds / r / "adapter_model.safetensors") for r in ("round_0000", "round_0001"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
