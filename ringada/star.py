@@ -253,7 +253,7 @@ class Server:
         return "shared" if self.sft else f"dev{device}"
 
     # -- one device through the server part (sfl), or the joint batch (sft)
-    def _upper(self, devices: list[int], hiddens: list[torch.Tensor], masks: list, train: bool) -> list:
+    def _upper(self, devices: list[int], hiddens: list[torch.Tensor], masks: list, train: bool, step: int) -> list:
         """The server's blocks for several devices as one batch: a device's rows join the batch at its cut
         (its depth) and leave it at the top. Returns each device's top hidden state."""
         t0 = time.perf_counter()
@@ -268,6 +268,7 @@ class Server:
                 with torch.no_grad():
                     ctx = self.cut.context(joined, mask)
             joined = run_blocks(self.cut, b, b + 1, joined, ctx, frontier=0, train=train, seed=self.cfg.run.seed,
+                                step=step, micro_batch=devices[0] if len(devices) == 1 else 0,
                                 dropout=self.cfg.adapter.dropout > 0)
         pieces = torch.split(joined, [hiddens[i].shape[0] for i in members])
         tops = [None] * len(devices)
@@ -289,7 +290,7 @@ class Server:
         hidden, mask, labels, (fwd_s, bwd_s) = self._receive(device, step, train=True)
         t0 = time.perf_counter()
         self.peft_model.set_adapter(self.set_name(device))
-        tops = self._upper([device], [hidden], [mask], train=True)
+        tops = self._upper([device], [hidden], [mask], train=True, step=step)
         loss_value, count = self._loss_and_backward([device], [hidden], tops, [mask], [labels], step)
         self.wire.send(device, GRAD, step, hidden.grad)
         name = self.set_name(device)
@@ -304,7 +305,7 @@ class Server:
         """All active devices' activations as one batch through the shared set; one optimizer step."""
         received = [self._receive(u, step, train=True) for u in devices]
         t0 = time.perf_counter()
-        tops = self._upper(devices, [r[0] for r in received], [r[1] for r in received], train=True)
+        tops = self._upper(devices, [r[0] for r in received], [r[1] for r in received], train=True, step=step)
         loss_value, count = self._loss_and_backward(devices, [r[0] for r in received], tops, [r[1] for r in received],
                                                     [r[2] for r in received], step)
         for u, (h, _, _, timing) in zip(devices, received):
@@ -342,7 +343,7 @@ class Server:
             losses = []
             for top, mask, lab, c in zip(tops, masks, labels, counts):
                 losses.append(loss_sum(self.cut.head(top, mask), lab))
-            loss_value = float(sum(losses))
+            loss_value = float(sum(l.detach() for l in losses))
             joint = sum(w * l / c for w, l, c in zip(weights, losses, counts))
             t0 = time.perf_counter()
             joint.backward()
@@ -361,7 +362,7 @@ class Server:
         for j in range(self.n_eval):
             step = -1 - j
             hidden, mask, labels, _ = self._receive(1, step, train=False)
-            top = self._upper([1], [hidden], [mask], train=False)[0]
+            top = self._upper([1], [hidden], [mask], train=False, step=step)[0]
             if self.privacy:
                 self.wire.send(1, TOP, step, top)
             else:
