@@ -152,6 +152,13 @@ class StarConfig:
     """Mean dwell time in seconds (mobility exponential/uniform)."""
     ucb_c: float = 1.0
     """selection=ucb: exploration weight."""
+    allocate: bool = False
+    """sft: choose each device's depth and compression keep ratio (and the uplink split) from star.profile with
+    scipy.optimize, minimizing the modelled round delay; overrides device_blocks and compress.topk."""
+    profile: str | None = None
+    """Device/link profile YAML (configs/profiles/): compute speed and memory budget per device, bandwidths."""
+    error_budget: float = 1.0
+    """star.allocate: budget on the sum over devices of the dropped activation fraction (1 - keep ratio)."""
 
 
 @dataclass(kw_only=True)
@@ -395,6 +402,12 @@ def validate(cfg: Config) -> None:
     _require(star.alpha > 0, f"star.alpha: got {star.alpha}; expected > 0")
     _require(star.dwell_mean >= 0, f"star.dwell_mean: got {star.dwell_mean}; expected >= 0")
     _require(star.ucb_c >= 0, f"star.ucb_c: got {star.ucb_c}; expected >= 0")
+    _require(star.error_budget >= 0, f"star.error_budget: got {star.error_budget}; expected >= 0")
+    if star.allocate:
+        _require(pipe.mode == "sft", f"star.allocate: got true with pipeline.mode={pipe.mode!r}; allocation plans "
+                                     "the parallel sft round (use mode sft)")
+        _require(star.profile is not None, "star.profile: got null; star.allocate needs a device profile, e.g. "
+                                           "configs/profiles/edge4.yaml")
     if star.mobility != "none":
         _require(star.dwell_mean > 0, f"star.dwell_mean: got {star.dwell_mean}; star.mobility={star.mobility} "
                                       "needs a mean dwell time > 0 seconds")

@@ -452,6 +452,21 @@ def load_model(path: str, task: str = "causal_lm", num_labels: int = 0, *, block
     return CutModel(model=model, family=family, num_blocks=num_blocks, lo=lo, hi=hi, has_embed=embed, has_head=head)
 
 
+def parameter_counts(path: str, task: str = "causal_lm", num_labels: int = 0) -> dict:
+    """Parameters of one block, of the embedding and of the head, from a meta-device model (no memory)."""
+    config = read_config(path)
+    if task == "classification":
+        config.num_labels = num_labels
+    with torch.device("meta"):
+        model = auto_class(config.model_type, task).from_config(config)
+    family = family_for(config.model_type, task)(model, task)
+    count = lambda names: sum(p.numel() for n in names for p in model.get_submodule(n).parameters())  # noqa: E731
+    return {"block": sum(p.numel() for p in family.block_list()[0].parameters()),
+            "embedding": count(family.embedding_names()), "head": count(family.head_names()),
+            "hidden": config.hidden_size if hasattr(config, "hidden_size") else config.n_embd,
+            "num_blocks": len(family.block_list())}
+
+
 def num_blocks_of(path: str) -> int:
     config = read_config(path)
     for key in ("num_hidden_layers", "n_layer"):

@@ -31,13 +31,15 @@ import torch.distributed as dist
 from .adapters import add_adapters, add_lora_sets, lora_config, save_adapters
 from .comm import ACT, ADAPTERS, CONTROL, GRAD, LABELS, TOP, TOP_GRAD, Wire, pack_state, unpack_state
 from .compress import Codec, decode, encode
-from .config import Config, check_against_model
+from .config import Config, ConfigError, check_against_model
+from .federated.allocation import Allocation, AllocationProblem, DeviceProfile, allocate
 from .data import Batch, Dataset
 from .federated.aggregate import aggregate
 from .federated.scheduling import makespan, server_order
 from .federated.selection import Mobility, Selector, steps_before_leaving
 from .federated.shards import shard_rows
-from .models import load_model, num_blocks_of, resolve_model_dir
+from .models import load_model, num_blocks_of, parameter_counts, resolve_model_dir
+from .profiles import load_profile
 from .runtime import gather_rank_rows
 from .train import (RunRecorder, correct_count, eval_record, load_run_data, loss_sum, make_optimizer,
                     peak_rss_bytes, progress, run_blocks)
@@ -53,6 +55,8 @@ class StarTopology:
     world_size: int
     num_blocks: int
     depths: list[int]  # per device rank 1..U
+    keep_ratios: list[float] | None = None  # per device, from star.allocate
+    allocation: dict | None = None
 
     @property
     def is_server(self) -> bool:
@@ -71,22 +75,63 @@ def make_star_topology(cfg: Config, rank: int, world_size: int) -> StarTopology:
     check_against_model(cfg, num_blocks, world_size)
     blocks = cfg.star.device_blocks
     depths = list(blocks) if len(blocks) == world_size - 1 else [blocks[0]] * (world_size - 1)
-    return StarTopology(rank=rank, world_size=world_size, num_blocks=num_blocks, depths=depths)
+    topo = StarTopology(rank=rank, world_size=world_size, num_blocks=num_blocks, depths=depths)
+    if cfg.star.allocate:
+        # Every rank solves the same deterministic problem, so all agree on depths without a message.
+        result = plan_allocation(cfg, world_size - 1)
+        topo.depths, topo.keep_ratios = list(result.depths), list(result.keep_ratios)
+        topo.allocation = {"depths": list(result.depths), "keep_ratios": list(result.keep_ratios),
+                           "uplink_share_bytes_per_s": list(result.bandwidth),
+                           "predicted_round_delay_s": result.round_delay}
+    return topo
+
+
+def plan_allocation(cfg: Config, devices: int) -> Allocation:
+    """The sft allocation problem from the profile and the model's real sizes.
+
+    Compute: a frozen block costs ~4 flops per parameter and token (forward, and backward to its input only);
+    device and server times are that over their profile GFLOP/s. Memory per block on a device: its fp32
+    weights, LoRA with AdamW state (~3 copies of r*(in+out) per target, bounded here by 1% of the block) and
+    about 16 saved activations of the batch; the embedding is the device's fixed base. Uplink bytes per round:
+    the fp32 activation of a batch at the cut, per local step.
+    """
+    profile = load_profile(cfg.star.profile)
+    if len(profile.devices) != devices:
+        raise ConfigError(f"star.profile: {cfg.star.profile} describes {len(profile.devices)} devices but the run "
+                          f"has {devices} (WORLD_SIZE - 1)")
+    sizes = parameter_counts(cfg.model.path, cfg.model.task, cfg.model.num_labels)
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    act_bytes = tokens * sizes["hidden"] * 4
+    block_memory = sizes["block"] * 4 * 1.03 + 16 * act_bytes
+    flops = 4 * sizes["block"] * tokens * cfg.star.local_steps
+    problem = AllocationProblem(
+        devices=tuple(DeviceProfile(block_time=flops / (d.gflops * 1e9), memory_budget=d.memory_mb * 2**20,
+                                    base_memory=sizes["embedding"] * 4, act_bytes=act_bytes * cfg.star.local_steps)
+                      for d in profile.devices),
+        num_blocks=sizes["num_blocks"], block_memory=block_memory, uplink=profile.uplink_mbps * 1e6 / 8,
+        downlink=profile.downlink_mbps * 1e6 / 8, server_block_time=flops / (profile.server_gflops * 1e9),
+        error_budget=cfg.star.error_budget)
+    result = allocate(problem)
+    log.info("allocation: depths %s keep ratios %s predicted round delay %.2f s", list(result.depths),
+             [round(r, 3) for r in result.keep_ratios], result.round_delay)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ the wire codec
 
 
 class SmashedWire:
-    """Activations and their gradients through the compression codec; everything else as is."""
+    """Activations and their gradients through the compression codec of the link (device <-> server); everything
+    else as is."""
 
-    def __init__(self, wire: Wire, codec: Codec, seed: int):
-        self.wire, self.codec, self.seed = wire, codec, seed
+    def __init__(self, wire: Wire, codecs: dict[int, Codec], seed: int):
+        self.wire, self.codecs, self.seed = wire, codecs, seed
 
     def send(self, dst: int, kind: int, step: int, tensor: torch.Tensor, extra: list[torch.Tensor] = ()) -> None:
-        if not self.codec.is_identity:
+        codec = self.codecs[dst if self.wire.rank == 0 else self.wire.rank]
+        if not codec.is_identity:
             gen = torch.Generator().manual_seed(hash((self.seed, self.wire.rank, dst, kind, step)) % 2**63)
-            tensor = encode(tensor.detach(), self.codec, gen)
+            tensor = encode(tensor.detach(), codec, gen)
         self.wire.send(dst, kind, step, 0, [tensor, *extra])
 
     def recv(self, src: int, kind: int, step: int) -> list[torch.Tensor]:
@@ -422,8 +467,10 @@ def train_star(cfg: Config, rank: int, world_size: int) -> dict | None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(backend="gloo")
     try:
-        codec = Codec(topk=cfg.compress.topk, bits=cfg.compress.bits, lossless=cfg.compress.lossless)
-        wire = SmashedWire(Wire(rank, world_size), codec, cfg.run.seed)
+        keep = topo.keep_ratios or [cfg.compress.topk] * (world_size - 1)
+        codecs = {u: Codec(topk=1.0 if keep[u - 1] >= 1.0 - 1e-9 else keep[u - 1], bits=cfg.compress.bits,
+                           lossless=cfg.compress.lossless) for u in topo.devices}
+        wire = SmashedWire(Wire(rank, world_size), codecs, cfg.run.seed)
         if topo.is_server:
             return _serve(cfg, topo, wire)
         device = Device(cfg, topo, wire)
@@ -544,6 +591,7 @@ def _serve(cfg: Config, topo: StarTopology, wire: SmashedWire) -> dict:
         "tokens_per_s": tokens / max(train_s, 1e-9), "wall_s": wall, "train_s": train_s, "num_blocks": L,
         "device_blocks": topo.depths, "compress": {"topk": cfg.compress.topk, "bits": cfg.compress.bits,
                                                    "lossless": cfg.compress.lossless},
+        **({"allocation": topo.allocation} if topo.allocation else {}),
         "bytes_on_wire": sum(r["bytes_sent"] for r in ranks), "server": server.memory_report(), "ranks": ranks,
         "rounds_log": rounds_log,
     }

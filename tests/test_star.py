@@ -105,3 +105,26 @@ def test_a_round_below_min_devices_leaves_the_global_adapter_unchanged(pool4, tm
     rounds = tmp_path / "out" / "rounds"
     first, second = (load_file(rounds / r / "adapter_model.safetensors") for r in ("round_0000", "round_0001"))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_sft_allocation_plans_depths_and_keep_ratios_from_a_profile(pool4, tmp_path, tiny_dirs, token_jsonl):
+    from ringada.config import load
+    from ringada.star import make_star_topology
+
+    cfg = load("configs/sft_smollm2.yaml", ["star.allocate=true", "star.profile=configs/profiles/edge4.yaml",
+                                            "star.error_budget=1.0"])
+    topo = make_star_topology(cfg, 0, 5)
+    # edge4's budgets grow with the device index (200 to 700 MB): the planned depths follow them
+    assert topo.depths == sorted(topo.depths) and topo.depths[0] < topo.depths[-1]
+    assert sum(1 - r for r in topo.keep_ratios) <= 1.0 + 1e-6 and all(0 < r <= 1 for r in topo.keep_ratios)
+    assert topo.allocation["predicted_round_delay_s"] > 0 and len(topo.depths) == 4
+    # the same plan drives a real (tiny) run: devices get the planned depths, the summary carries the plan
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text("server: {gflops: 50}\ndevices:\n" + "".join(
+        f"  - {{gflops: {g}, memory_mb: 0.2}}\n" for g in (1, 2, 4)) + "links: {uplink_mbps: 10, downlink_mbps: 10}\n")
+    raw = _cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, mode="sft", devices=[1], rounds=1,
+               allocate=True, profile=str(profile), error_budget=0.5)
+    pool4.run(raw)
+    summary = json.loads(open(tmp_path / "out" / "summary.json").read())
+    assert summary["device_blocks"] == summary["allocation"]["depths"]
+    assert [r["blocks"] for r in summary["ranks"][1:]] == [[0, d] for d in summary["device_blocks"]]
