@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--world", type=int, required=True, help="number of ranks")
     plan.add_argument("--step", type=int, default=0, help="optimizer step whose frontier to use (default 0)")
     plan.add_argument("--compute-only", action="store_true", help="hide sends and receives")
+    sim = sub.add_parser("simulate", help="predict a run's timings from its plans, measured block costs and a "
+                         "profile (no processes started)",
+                         description="Discrete-event simulation of ring/line/single runs (per-step plans with "
+                         "the unfreezing frontier) and star rounds (server ordering), using per-block costs "
+                         "measured once on this machine (cached) and the speeds/links of pipeline.profile or "
+                         "star.profile. Writes out_dir/simulated_summary.json.")
+    _add_config_args(sim)
+    sim.add_argument("--world", type=int, required=True, help="number of ranks (star: 1 server + devices)")
+    sim.add_argument("--steps", type=int, default=None, help="steps to simulate (default run.steps)")
     return parser
 
 
@@ -64,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "plan":
         return _print_plan(cfg, args)
+    if args.command == "simulate":
+        return _simulate(cfg, args)
     if args.command == "train":
         from .launch import train
 
@@ -95,6 +106,55 @@ def _print_plan(cfg, args) -> int:
           f"{cfg.data.micro_batches} micro-batches, step {args.step}: {trainable} trainable blocks "
           f"(frontier {num_blocks - trainable}); backward stages {plan.backward}")
     print(plan.format(compute_only=args.compute_only))
+    return 0
+
+
+def _simulate(cfg, args) -> int:
+    import json
+    from pathlib import Path
+
+    from .costs import block_costs
+    from .profiles import load_profile
+    from .sim import simulate_pipeline, simulate_star_step
+
+    try:
+        if cfg.pipeline.mode in ("sfl", "sft"):
+            from .star import make_star_topology
+
+            topo = make_star_topology(cfg, 0, args.world)
+            if cfg.star.profile is None:
+                raise config_mod.ConfigError("star.profile: got null; simulating a star needs device speeds and "
+                                             "links, e.g. configs/profiles/edge4.yaml")
+            profile = load_profile(cfg.star.profile)
+            costs = block_costs(cfg, cfg.data.batch_size)
+            step = simulate_star_step(cfg.pipeline.mode, topo.depths, topo.num_blocks, costs, profile,
+                                      cfg.star.schedule, cfg.compress.topk)
+            result = {"mode": cfg.pipeline.mode, "world_size": args.world, "simulated": True,
+                      "steps": cfg.run.steps, "step": step,
+                      "wall_s": step["makespan_s"] * cfg.run.steps,
+                      "tokens_per_s": (args.world - 1) * cfg.data.batch_size * cfg.data.seq_len
+                      / step["makespan_s"]}
+        else:
+            from .runtime import make_topology
+
+            topo = make_topology(cfg, 0, args.world)
+            profile = load_profile(cfg.pipeline.profile) if cfg.pipeline.profile else None
+            rows = -(-cfg.data.batch_size // cfg.data.micro_batches)
+            result = simulate_pipeline(cfg, topo.partition, block_costs(cfg, rows), profile, args.steps)
+    except (config_mod.ConfigError, ValueError) as e:
+        print(f"ringada: config error: {e}", file=sys.stderr)
+        return 2
+    out = Path(cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "simulated_summary.json").write_text(json.dumps(result, indent=2))
+    print(f"{result['mode']} on {result['world_size']} ranks: predicted {result['wall_s']:.2f} s for "
+          f"{result['steps']} steps, {result['tokens_per_s']:.0f} tokens/s")
+    for r in result.get("ranks", []):
+        print(f"  rank {r['rank']} blocks {r['blocks']}: fwd {r['fwd_s']:.2f}s bwd {r['bwd_s']:.2f}s "
+              f"wait {r['wait_s']:.2f}s sent {r['bytes_sent'] / 1e6:.1f} MB")
+    if "step" in result:
+        print(f"  one step: makespan {result['step']['makespan_s']:.3f} s, order {result['step']['order']}")
+    print(f"written to {out / 'simulated_summary.json'}")
     return 0
 
 

@@ -105,7 +105,10 @@ class PipelineConfig:
     schedule: Literal["gpipe", "1f1b"] = "1f1b"
     """Micro-batch schedule for ring/line: `gpipe` (all forwards, then all backwards) or `1f1b`."""
     partition: str | list[int] = "even"
-    """Blocks per rank: `even`, `capacity`, or an explicit list with one entry per rank."""
+    """Blocks per rank: `even`, `capacity` (fastest split that fits pipeline.profile's memory budgets, from
+    measured per-block costs), or an explicit list with one entry per rank."""
+    profile: str | None = None
+    """Profile YAML (configs/profiles/) of the ranks: speed and memory budget per rank, link bandwidth/latency."""
 
 
 @dataclass(kw_only=True)
@@ -388,6 +391,9 @@ def validate(cfg: Config) -> None:
         _require(len(pipe.partition) >= 1, "pipeline.partition: got []; expected one entry per rank")
         _require(all(n >= 0 for n in pipe.partition),
                  f"pipeline.partition: got {pipe.partition}; block counts must be >= 0")
+    if pipe.partition == "capacity":
+        _require(pipe.profile is not None, "pipeline.profile: got null; pipeline.partition=capacity needs the "
+                                           "ranks' speeds and memory budgets, e.g. configs/profiles/ring4.yaml")
     if pipe.mode == "single":
         _require(pipe.partition in ("even",) or isinstance(pipe.partition, list) and len(pipe.partition) == 1,
                  f"pipeline.partition: got {pipe.partition!r}; pipeline.mode=single runs one process (use even)")

@@ -35,6 +35,41 @@ def even_partition(num_blocks: int, world_size: int, mode: str, head_cost: float
     return balanced_partition(num_blocks, extra, minimum)
 
 
+def capacity_partition(num_blocks: int, block_cost: list[float], extra_cost: list[float],
+                       max_blocks: list[int], min_blocks: list[int]) -> list[int]:
+    """`capacity`: blocks per rank minimizing the bottleneck stage time under memory limits.
+
+    Rank r spends ``extra_cost[r] + b_r * block_cost[r]`` seconds per step (its speed folded into the costs) and
+    can hold at most ``max_blocks[r]`` blocks (its memory budget). Blocks are identical, so only the counts
+    matter; handing out blocks one at a time to the rank whose time grows least, among those with room, is
+    optimal for this min-max of increasing per-rank costs.
+    """
+    world = len(block_cost)
+    if any(lo > hi for lo, hi in zip(min_blocks, max_blocks)):
+        r = next(r for r in range(world) if min_blocks[r] > max_blocks[r])
+        raise ValueError(f"pipeline.partition: rank {r} must hold at least {min_blocks[r]} block(s) but its memory "
+                         f"budget fits {max_blocks[r]}; give it more memory in the profile or use fewer ranks")
+    if sum(max_blocks) < num_blocks:
+        raise ValueError(f"pipeline.partition: no split fits: the ranks' memory budgets hold {sum(max_blocks)} of "
+                         f"the model's {num_blocks} blocks ({max_blocks} per rank); add ranks or memory")
+    blocks = list(min_blocks)
+    if sum(blocks) > num_blocks:
+        raise ValueError(f"pipeline.partition: {world} ranks need at least {sum(blocks)} blocks, the model has "
+                         f"{num_blocks}; use fewer ranks")
+    heap = [(extra_cost[r] + (blocks[r] + 1) * block_cost[r], r) for r in range(world) if blocks[r] < max_blocks[r]]
+    heapq.heapify(heap)
+    for _ in range(num_blocks - sum(blocks)):
+        _, r = heapq.heappop(heap)
+        blocks[r] += 1
+        if blocks[r] < max_blocks[r]:
+            heapq.heappush(heap, (extra_cost[r] + (blocks[r] + 1) * block_cost[r], r))
+    return blocks
+
+
+def stage_times(partition: list[int], block_cost: list[float], extra_cost: list[float]) -> list[float]:
+    return [e + b * c for b, c, e in zip(partition, block_cost, extra_cost)]
+
+
 def block_ranges(partition: list[int]) -> list[tuple[int, int]]:
     """[lo, hi) of every rank."""
     ranges, lo = [], 0
@@ -60,3 +95,46 @@ def head_cost_in_blocks(config) -> float:
     layers = next(m for name, m in model.named_modules() if name.endswith(("layers", ".h", "encoder.layer")))
     block_params = sum(p.numel() for p in layers[0].parameters())
     return head_params / max(block_params, 1)
+
+
+def plan_capacity(cfg, world_size: int) -> tuple[list[int], dict]:
+    """`pipeline.partition: capacity` for a ring or line: per-rank costs from the measured per-block costs over
+    each rank's speed (profile), memory caps from each rank's budget. Returns (partition, details).
+
+    Memory model per block on a rank: its fp32 weights (+3% for LoRA and AdamW state) and ~16 saved tensors of
+    each micro-batch's hidden state it may hold at once (M under gpipe, at most the pipeline depth under 1f1b);
+    the initiator (ring) also holds the embedding and head. The limits are estimates: see docs.
+    """
+    from .costs import block_costs
+    from .profiles import load_profile
+
+    profile = load_profile(cfg.pipeline.profile)
+    if len(profile.devices) != world_size:
+        raise ValueError(f"pipeline.profile: {cfg.pipeline.profile} describes {len(profile.devices)} ranks but "
+                         f"WORLD_SIZE is {world_size}")
+    rows = -(-cfg.data.batch_size // cfg.data.micro_batches)
+    costs = block_costs(cfg, rows)
+    ring = cfg.pipeline.mode == "ring"
+    speeds = [profile.speed(d.gflops) for d in profile.devices]
+    held = cfg.data.micro_batches if cfg.pipeline.schedule == "gpipe" else min(cfg.data.micro_batches, world_size + 1)
+    block_mem = costs.block_param_bytes * 1.03 + 16 * costs.act_bytes * held
+    head_rank = 0 if ring else world_size - 1
+    base = [0.0] * world_size
+    base[0] += costs.embed_param_bytes
+    base[head_rank] += costs.head_param_bytes
+    extra = [0.0] * world_size
+    extra[0] += costs.embed_s / speeds[0]
+    extra[head_rank] += (costs.head_fwd_s + costs.head_bwd_s) / speeds[head_rank]
+    caps = [max(0, int((d.memory_mb * 2**20 - b) // block_mem)) for d, b in zip(profile.devices, base)]
+    block_cost = [(costs.block_fwd_s + costs.block_bwd_s) / s for s in speeds]
+    minimum = [0 if (ring and r == 0) else 1 for r in range(world_size)]
+    partition = capacity_partition(cfg_num_blocks(cfg), block_cost, extra, caps, minimum)
+    details = {"max_blocks": caps, "stage_s": stage_times(partition, block_cost, extra), "speeds": speeds,
+               "block_cost_s": block_cost, "extra_cost_s": extra}
+    return partition, details
+
+
+def cfg_num_blocks(cfg) -> int:
+    from .models import num_blocks_of
+
+    return num_blocks_of(cfg.model.path)

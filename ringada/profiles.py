@@ -22,22 +22,32 @@ class Profile:
     uplink_mbps: float
     downlink_mbps: float
     latency_ms: float
+    reference_gflops: float = 50.0  # the machine that measures costs; speed factor = gflops / reference
+
+    def speed(self, gflops: float) -> float:
+        return gflops / self.reference_gflops
+
+    def link_seconds(self, nbytes: float, mbps: float | None = None) -> float:
+        """Latency plus serialization time of one message."""
+        return self.latency_ms / 1e3 + nbytes * 8 / ((mbps or self.uplink_mbps) * 1e6)
 
 
 def load_profile(path: str | Path) -> Profile:
     """Read and check a profile; errors name the file and the field."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"star.profile: got {str(path)!r}; no such file (see configs/profiles/)")
+        raise ValueError(f"profile: got {str(path)!r}; no such file (see configs/profiles/)")
     raw = yaml.safe_load(path.read_text()) or {}
-    where = f"star.profile {path}"
+    where = f"profile {path}"
     try:
         devices = tuple(DeviceSpec(name=str(d.get("name", f"device{i + 1}")), gflops=float(d["gflops"]),
                                    memory_mb=float(d["memory_mb"])) for i, d in enumerate(raw["devices"]))
         links = raw["links"]
-        profile = Profile(server_gflops=float(raw["server"]["gflops"]), devices=devices,
-                          uplink_mbps=float(links["uplink_mbps"]), downlink_mbps=float(links["downlink_mbps"]),
-                          latency_ms=float(links.get("latency_ms", 0.0)))
+        profile = Profile(server_gflops=float(raw.get("server", {}).get("gflops", raw.get("reference_gflops", 50))),
+                          devices=devices, uplink_mbps=float(links["uplink_mbps"]),
+                          downlink_mbps=float(links.get("downlink_mbps", links["uplink_mbps"])),
+                          latency_ms=float(links.get("latency_ms", 0.0)),
+                          reference_gflops=float(raw.get("reference_gflops", 50.0)))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: missing or malformed field ({e}); expected server.gflops, devices[].gflops, "
                          "devices[].memory_mb, links.uplink_mbps, links.downlink_mbps") from None

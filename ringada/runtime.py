@@ -29,7 +29,7 @@ from .comm import ACT, ADAPTERS, GRAD, KIND_NAMES, LABELS, Counters, Wire, pack_
 from .config import Config, ConfigError
 from .data import Batch
 from .models import load_model, read_config, resolve_model_dir
-from .partition import block_ranges, even_partition, head_cost_in_blocks
+from .partition import block_ranges, even_partition, head_cost_in_blocks, plan_capacity
 from .train import (RunRecorder, Unfreezer, clip_coefficient, correct_count, eval_record, input_tokens,
                     load_run_data, loss_sum, make_optimizer, peak_rss_bytes, progress, run_blocks)
 
@@ -97,8 +97,13 @@ def make_topology(cfg: Config, rank: int, world_size: int) -> Topology:
     elif part == "even":
         partition = even_partition(num_blocks, world_size, mode, head_cost_in_blocks(model_config))
     elif part == "capacity":
-        raise ConfigError("pipeline.partition: 'capacity' needs device profiles, which this version does not "
-                          "have yet; use even or an explicit list")
+        try:
+            partition, details = plan_capacity(cfg, world_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if rank == 0:
+            log.info("capacity partition %s: max blocks per rank %s, stage seconds %s", partition,
+                     details["max_blocks"], [round(t, 3) for t in details["stage_s"]])
     else:
         partition = list(part)
     return Topology(mode=mode, rank=rank, world_size=world_size, partition=partition,

@@ -76,3 +76,42 @@ def test_even_partition_puts_the_head_cost_on_the_right_rank():
     assert even_partition(4, 4, "ring", head_cost=20.0) == [0, 2, 1, 1]
     assert even_partition(8, 2, "ring", head_cost=0.0) == [4, 4]
     assert block_ranges([2, 0, 3]) == [(0, 2), (2, 2), (2, 5)]
+
+
+def _brute_capacity(num_blocks, cost, extra, cap, minimum):
+    best = None
+    for split in itertools.product(*(range(lo, hi + 1) for lo, hi in zip(minimum, cap))):
+        if sum(split) == num_blocks:
+            value = max(e + b * c for b, c, e in zip(split, cost, extra))
+            best = value if best is None else min(best, value)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_capacity_partition_is_optimal_under_memory_limits(seed):
+    import random
+
+    from ringada.partition import capacity_partition, stage_times
+
+    rng = random.Random(seed)
+    world = rng.randint(2, 4)
+    num_blocks = rng.randint(world, 9)
+    cost = [rng.uniform(0.5, 3.0) for _ in range(world)]
+    extra = [rng.uniform(0, 4.0) if r == 0 else 0.0 for r in range(world)]
+    cap = [rng.randint(1, num_blocks) for _ in range(world)]
+    minimum = [0] + [1] * (world - 1)
+    if sum(cap) < num_blocks:
+        with pytest.raises(ValueError, match="no split fits"):
+            capacity_partition(num_blocks, cost, extra, cap, minimum)
+        return
+    split = capacity_partition(num_blocks, cost, extra, cap, minimum)
+    assert sum(split) == num_blocks and all(lo <= b <= hi for b, lo, hi in zip(split, minimum, cap))
+    assert max(stage_times(split, cost, extra)) == pytest.approx(_brute_capacity(num_blocks, cost, extra, cap,
+                                                                                 minimum))
+
+
+def test_capacity_partition_errors_name_the_problem():
+    from ringada.partition import capacity_partition
+
+    with pytest.raises(ValueError, match=r"rank 1 must hold at least 1 block\(s\) but its memory budget fits 0"):
+        capacity_partition(4, [1, 1], [0, 0], [4, 0], [0, 1])

@@ -1,0 +1,108 @@
+"""Per-block compute costs, measured once on this machine for a batch shape and cached.
+
+Measured with a one-block slice of the real model (embedding, block 0 with its adapters, head): forward and
+backward of a block, forward and backward of the head + loss, and the embedding lookup. Partitioning, the time
+model and the simulator all read these numbers; the cache lives under the ringada cache directory and is keyed by
+the model, task, adapter settings, batch shape and thread count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import Config
+from .models import _file_lock, cache_dir, load_model, parameter_counts, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Costs:
+    rows: int  # sequences per micro-batch
+    seq_len: int
+    block_fwd_s: float
+    block_bwd_s: float  # backward of a trainable block (LoRA grads + input grad)
+    head_fwd_s: float  # norm + head + loss
+    head_bwd_s: float
+    embed_s: float
+    act_bytes: int  # one micro-batch's hidden state (fp32)
+    block_param_bytes: int
+    embed_param_bytes: int
+    head_param_bytes: int  # excluding a matrix tied to the embedding
+
+    def scaled(self, rows: int) -> Costs:
+        """Costs for another micro-batch size (compute and bytes scale with rows)."""
+        f = rows / self.rows
+        return Costs(rows, self.seq_len, self.block_fwd_s * f, self.block_bwd_s * f, self.head_fwd_s * f,
+                     self.head_bwd_s * f, self.embed_s * f, int(self.act_bytes * f), self.block_param_bytes,
+                     self.embed_param_bytes, self.head_param_bytes)
+
+
+def _key(cfg: Config, rows: int) -> str:
+    text = json.dumps([str(resolve_model_dir(cfg.model.path)), cfg.model.task, cfg.model.num_labels,
+                       cfg.adapter.kind, cfg.adapter.r, cfg.adapter.target_modules, rows, cfg.data.seq_len,
+                       torch.get_num_threads()])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def block_costs(cfg: Config, rows: int, repeats: int = 3) -> Costs:
+    """Cached costs for micro-batches of ``rows`` sequences of data.seq_len tokens."""
+    path = cache_dir() / "costs" / f"{_key(cfg, rows)}.json"
+    # Ranks started together on one box take turns: the first measures, the others read its numbers, so all
+    # of them derive the same partition from the same costs.
+    with _file_lock(path.with_suffix(".lock")):
+        if path.is_file():
+            return Costs(**json.loads(path.read_text()))
+        costs = measure(cfg, rows, repeats)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(costs)))
+        tmp.replace(path)
+    return costs
+
+
+def measure(cfg: Config, rows: int, repeats: int = 3) -> Costs:
+    from .adapters import add_adapters
+    from .train import loss_sum
+
+    cut = load_model(cfg.model.path, cfg.model.task, cfg.model.num_labels, blocks=(0, 1), seed=cfg.run.seed)
+    add_adapters(cut, cfg.adapter, cfg.run.seed)
+    vocab = cut.model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, cfg.data.seq_len), generator=gen)
+    labels = ids if cfg.model.task == "causal_lm" else torch.zeros(rows, dtype=torch.long)
+    samples = {k: [] for k in ("embed", "block_fwd", "block_bwd", "head_fwd", "head_bwd")}
+    for _ in range(repeats + 1):  # the first round warms up allocators and kernels
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hidden = cut.embed(ids)
+            ctx = cut.context(hidden, None)
+        t1 = time.perf_counter()
+        out = cut.run_block(0, hidden, ctx)
+        t2 = time.perf_counter()
+        top = out.detach().requires_grad_(True)
+        loss = loss_sum(cut.head(top, None), labels) / labels.numel()
+        t3 = time.perf_counter()
+        loss.backward()
+        t4 = time.perf_counter()
+        out.backward(top.grad)
+        t5 = time.perf_counter()
+        for k, v in zip(("embed", "block_fwd", "block_bwd", "head_fwd", "head_bwd"),
+                        (t1 - t0, t2 - t1, t5 - t4, t3 - t2, t4 - t3)):
+            samples[k].append(v)
+    med = {k: statistics.median(v[1:]) for k, v in samples.items()}
+    sizes = parameter_counts(cfg.model.path, cfg.model.task, cfg.model.num_labels)
+    costs = Costs(rows=rows, seq_len=cfg.data.seq_len, block_fwd_s=med["block_fwd"], block_bwd_s=med["block_bwd"],
+                  head_fwd_s=med["head_fwd"], head_bwd_s=med["head_bwd"], embed_s=med["embed"],
+                  act_bytes=rows * cfg.data.seq_len * sizes["hidden"] * 4, block_param_bytes=sizes["block"] * 4,
+                  embed_param_bytes=sizes["embedding"] * 4,
+                  head_param_bytes=(sizes["head"] - (sizes["embedding"] if sizes["tied"] else 0)) * 4)
+    log.info("measured costs for %d x %d: block fwd %.4fs bwd %.4fs, head fwd %.4fs bwd %.4fs", rows,
+             cfg.data.seq_len, costs.block_fwd_s, costs.block_bwd_s, costs.head_fwd_s, costs.head_bwd_s)
+    return costs

@@ -1,0 +1,113 @@
+"""Capacity-aware partition from measured costs and a profile; the discrete-event simulator."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from ringada.config import ConfigError, load
+from ringada.partition import capacity_partition, plan_capacity, stage_times
+
+
+def _profile(tmp_path, memories, gflops=(50, 10, 25, 50)):
+    path = tmp_path / "p.yaml"
+    path.write_text("reference_gflops: 50\ndevices:\n" + "".join(
+        f"  - {{gflops: {g}, memory_mb: {m}}}\n" for g, m in zip(gflops, memories))
+        + "links: {uplink_mbps: 100, latency_ms: 1}\n")
+    return str(path)
+
+
+def test_capacity_partition_respects_budgets_and_is_the_fastest_split(tmp_path, tiny_dirs):
+    cfg = load(None, [f"model.path={tiny_dirs['llama']}", "pipeline.mode=ring", "pipeline.partition=capacity",
+                      f"pipeline.profile={_profile(tmp_path, [50, 0.2, 50, 50])}", "data.seq_len=16",
+                      "data.batch_size=4", "data.micro_batches=2", "data.train=x.jsonl"])
+    partition, details = plan_capacity(cfg, 4)
+    caps = details["max_blocks"]
+    assert caps[1] == 1 and caps[0] >= 4  # 0.2 MB holds one tiny block (weights + saved activations)
+    assert sum(partition) == 4 and all(b <= cap for b, cap in zip(partition, caps)) and partition[1] == 1
+    assert details["speeds"] == [1.0, 0.2, 0.5, 1.0]
+    block, extra = details["block_cost_s"], details["extra_cost_s"]
+    best = min(max(stage_times(list(p), block, extra)) for p in itertools.product(range(5), repeat=4)
+               if sum(p) == 4 and all(1 <= b <= c for b, c in zip(p[1:], caps[1:])) and p[0] <= caps[0])
+    assert max(details["stage_s"]) == pytest.approx(best)
+
+
+def test_no_split_fits_is_a_clear_config_error(tmp_path, tiny_dirs):
+    from ringada.runtime import make_topology
+
+    cfg = load(None, [f"model.path={tiny_dirs['llama']}", "pipeline.mode=ring", "pipeline.partition=capacity",
+                      f"pipeline.profile={_profile(tmp_path, [0.01, 0.01, 0.01, 0.01])}", "data.seq_len=16",
+                      "data.batch_size=4"])
+    with pytest.raises(ConfigError, match="memory budget fits 0|no split fits"):
+        make_topology(cfg, 0, 4)
+
+
+def test_capacity_needs_a_profile():
+    with pytest.raises(ConfigError, match="pipeline.profile: got null"):
+        load(None, ["pipeline.mode=ring", "pipeline.partition=capacity"])
+
+
+def test_capacity_partition_prefers_fast_ranks():
+    assert capacity_partition(12, [1.0, 4.0, 1.0], [2.0, 0.0, 0.0], [12, 12, 12], [0, 1, 1]) == [5, 1, 6]
+
+
+def _unit_costs(**kw):
+    from ringada.costs import Costs
+
+    base = dict(rows=1, seq_len=4, block_fwd_s=1.0, block_bwd_s=2.0, head_fwd_s=0.0, head_bwd_s=0.0, embed_s=0.0,
+                act_bytes=0, block_param_bytes=0, embed_param_bytes=0, head_param_bytes=0)
+    base.update(kw)
+    return Costs(**base)
+
+
+def _line_cfg(**extra):
+    return load(None, ["pipeline.mode=line", "pipeline.schedule=gpipe", "data.batch_size=2", "data.micro_batches=2",
+                       "run.steps=1", *[f"{k}={v}" for k, v in extra.items()]])
+
+
+def test_simulator_event_logic_by_hand(tmp_path):
+    from ringada.profiles import load_profile
+    from ringada.sim import simulate_pipeline
+
+    # line [1, 1], 2 micro-batches, gpipe: r0 F F . . . B B; r1 . F F B B -> 1+1+1+2+2 then r0's two backwards
+    result = simulate_pipeline(_line_cfg(), [1, 1], _unit_costs())
+    assert result["wall_s"] == pytest.approx(9.0)
+    assert [r["fwd_s"] for r in result["ranks"]] == [2.0, 2.0] and [r["bwd_s"] for r in result["ranks"]] == [4, 4]
+    # one second of latency per message (4 messages on the critical path chain shift it to 11)
+    path = tmp_path / "slow.yaml"
+    path.write_text("reference_gflops: 1\ndevices:\n  - {gflops: 1, memory_mb: 1}\n  - {gflops: 1, memory_mb: 1}\n"
+                    "links: {uplink_mbps: 1000000, latency_ms: 1000}\n")
+    slow = simulate_pipeline(_line_cfg(), [1, 1], _unit_costs(), load_profile(path))
+    assert slow["wall_s"] == pytest.approx(11.0, rel=1e-6)
+    # a frontier above every block: no backward anywhere, the step is forwards only (3 time units)
+    frozen = simulate_pipeline(_line_cfg(**{"unfreeze.initial": 0, "unfreeze.every": 10}), [1, 1], _unit_costs())
+    assert frozen["wall_s"] == pytest.approx(3.0) and all(r["bwd_s"] == 0 for r in frozen["ranks"])
+
+
+def test_simulator_scales_to_64_ranks_and_1000_devices():
+    import time
+
+    from ringada.profiles import DeviceSpec, Profile
+    from ringada.sim import simulate_pipeline, simulate_star_step
+
+    t0 = time.perf_counter()
+    cfg = load(None, ["pipeline.mode=ring", "data.batch_size=16", "data.micro_batches=16", "run.steps=2"])
+    ring = simulate_pipeline(cfg, [0] + [2] * 63, _unit_costs(head_fwd_s=3.0, head_bwd_s=3.0))
+    assert len(ring["ranks"]) == 64 and ring["wall_s"] > 0
+    profile = Profile(server_gflops=500, devices=tuple(DeviceSpec(f"d{i}", 5 + i % 7, 100) for i in range(1000)),
+                      uplink_mbps=1000, downlink_mbps=1000, latency_ms=5)
+    star = simulate_star_step("sfl", [1 + i % 5 for i in range(1000)], 30, _unit_costs(act_bytes=10_000), profile)
+    assert sorted(star["order"]) == list(range(1, 1001)) and star["makespan_s"] <= star["fifo_makespan_s"] + 1e-9
+    assert time.perf_counter() - t0 < 10
+
+
+def test_star_step_formula_for_sft():
+    from ringada.profiles import DeviceSpec, Profile
+    from ringada.sim import simulate_star_step
+
+    profile = Profile(server_gflops=50, devices=(DeviceSpec("a", 50, 1), DeviceSpec("b", 25, 1)),
+                      uplink_mbps=1e9, downlink_mbps=1e9, latency_ms=0)
+    step = simulate_star_step("sft", [1, 2], 4, _unit_costs(), profile)
+    # release: 1/1, 2/0.5 = 4; server: (3*3) + (2*3) = 15; tail: 2/1, 4/0.5 = 8 -> 4 + 15 + 8
+    assert step["makespan_s"] == pytest.approx(27.0, rel=1e-6)
