@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from ringada.comm import HEADER_BYTES
 from tests.ranks import REPO, free_port
 
@@ -53,3 +55,39 @@ def test_three_rank_ring_with_frontier_on_top_rank(tmp_path, tiny_dirs, token_js
     assert summary["ranks"][2]["bwd_s"] > 0  # the top rank trains
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["trainable_blocks"] for m in metrics] == [1, 1, 1]
+
+
+def test_tdp_baseline_trains_the_same_model(tmp_path, tiny_dirs, token_jsonl):
+    """The torch.distributed.pipelining baseline sees the same batches and losses as the plain peft reference
+    (so benchmark comparisons are like for like)."""
+    from ringada.config import load
+    from ringada.data import load_dataset
+    from tests.reference import reference_train
+
+    out = tmp_path / "out"
+    sets = ["model.path=" + str(tiny_dirs["llama"]), f"data.train={token_jsonl}", "data.eval=null",
+            "data.seq_len=16", "data.batch_size=4", "data.micro_batches=2", "run.steps=3", f"run.out_dir={out}",
+            "optim.lr=0.01", "pipeline.mode=line"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "ringada.baselines.tdp", "--schedule", "1f1b"]
+    for s in sets:
+        cmd += ["--set", s]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = load(None, sets)
+    ds = load_dataset(str(token_jsonl), "train", task="causal_lm", seq_len=16)
+    steps = [[(m.input_ids, m.labels, None) for m in ds.batch_at(s, 4, True, cfg.run.seed)[1].split(2)]
+             for s in range(3)]
+    # the reference starts from adapters drawn exactly as ringada draws them (LoRA B = 0: the first loss only
+    # depends on the base model and the batch); later losses follow the same AdamW updates
+    from ringada.models import load_model
+    from ringada.adapters import add_adapters, save_adapters
+    cut = load_model(str(tiny_dirs["llama"]))
+    init = add_adapters(cut, cfg.adapter, cfg.run.seed)
+    save_adapters(tmp_path / "init", init.state_dict(), init.config_json)
+    _, want_losses = reference_train(str(tiny_dirs["llama"]), str(tmp_path / "init"), steps, frontiers=[0] * 3,
+                                     lr=0.01)
+    # tdp averages per-micro-batch means (scale_grads); with equal micro-batches that is the batch mean
+    assert summary["losses"] == pytest.approx(want_losses, rel=1e-5)

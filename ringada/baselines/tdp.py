@@ -1,0 +1,125 @@
+"""torch.distributed.pipelining baseline: the same model slices, LoRA and trainable set as a `line` run, driven
+by the public PipelineStage with ScheduleGPipe / Schedule1F1B. No early stop: every stage backpropagates.
+
+    torchrun --nproc-per-node 4 -m ringada.baselines.tdp --config FILE --schedule 1f1b [--set k=v ...]
+
+Writes summary.json (the fields of a ringada run) and adapter/ to run.out_dir on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import config as config_mod
+from ..adapters import add_adapters
+from ..cli import setup_logging
+from ..runtime import gather_rank_rows, make_topology, world_from_env
+from ..comm import Counters
+from ..train import input_tokens, load_run_data, loss_sum, make_optimizer, trainable_count
+
+log = logging.getLogger(__name__)
+
+
+class StageModule(nn.Module):
+    def __init__(self, cut, lo: int, hi: int):
+        super().__init__()
+        self.cut, self.lo, self.hi = cut, lo, hi
+        self.model = cut.model  # registers the parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cut = self.cut
+        if cut.has_embed:
+            with torch.no_grad():
+                x = cut.embed(x)
+        ctx = cut.context(x, None)
+        for i in range(self.lo, self.hi):
+            x = cut.run_block(i, x, ctx)
+        return cut.head(x, None) if cut.has_head else x
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    parser = argparse.ArgumentParser(prog="ringada.baselines.tdp", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", "-c")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b")
+    args = parser.parse_args(argv)
+    rank, world = world_from_env()
+    setup_logging(rank)
+    cfg = config_mod.load(args.config, ["pipeline.mode=line", *args.overrides])
+    topo = make_topology(cfg, rank, world)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo")
+    try:
+        lo, hi = topo.blocks
+        from ..models import load_model
+
+        cut = load_model(cfg.model.path, cfg.model.task, cfg.model.num_labels, blocks=(lo, hi),
+                         embed=rank == 0, head=rank == world - 1, seed=cfg.run.seed)
+        adapters = add_adapters(cut, cfg.adapter, cfg.run.seed)
+        L = cut.num_blocks
+        adapters.set_frontier(L - trainable_count(cfg.unfreeze, L, 0, 0, 0))  # the same (fixed) trainable set
+        optimizer = make_optimizer(cfg, adapters)
+        M = cfg.data.micro_batches
+
+        def loss_fn(logits, target):
+            return loss_sum(logits, target) / Batch_count(target)
+
+        stage = PipelineStage(StageModule(cut, lo, hi), rank, world, torch.device("cpu"))
+        schedule = (ScheduleGPipe if args.schedule == "gpipe" else Schedule1F1B)(stage, M, loss_fn=loss_fn)
+        data = load_run_data(cfg, cut.model.config.vocab_size) if rank in (0, world - 1) else None
+        tokens, start, losses_log = 0, time.perf_counter(), []
+        for step in range(cfg.run.steps):
+            batch = data.train.batch_at(step, cfg.data.batch_size, cfg.data.shuffle, cfg.run.seed)[1] if data else None
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            if rank == 0:
+                schedule.step(batch.input_ids)
+            elif rank == world - 1:
+                losses = []
+                schedule.step(target=batch.labels, losses=losses)
+                losses_log.append(float(sum(l.detach() for l in losses)) / len(losses))
+            else:
+                schedule.step()
+            if optimizer is not None:
+                optimizer.step()
+            if batch is not None:
+                tokens += input_tokens(batch)
+        wall = time.perf_counter() - start
+        ranks = gather_rank_rows(world, {"rank": rank, "blocks": [lo, hi], "fwd_s": 0.0, "bwd_s": 0.0}, Counters())
+        losses_t = torch.tensor(losses_log or [0.0] * cfg.run.steps, dtype=torch.float64)
+        if rank != world - 1:
+            losses_t.zero_()
+        dist.all_reduce(losses_t)  # the last stage's per-step losses, to rank 0
+        if rank == 0:
+            out = Path(cfg.run.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            summary = {"mode": f"tdp-{args.schedule}", "world_size": world, "steps": cfg.run.steps,
+                       "final_loss": losses_t[-1].item(), "losses": losses_t.tolist(), "tokens_per_s": tokens / wall, "wall_s": wall,
+                       "train_s": wall, "partition": topo.partition, "micro_batches": M, "ranks": ranks}
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            log.info("tdp-%s: %.1f tokens/s, %.2f s/step", args.schedule, tokens / wall, wall / cfg.run.steps)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def Batch_count(labels: torch.Tensor) -> int:
+    from ..data import Batch
+
+    return Batch(labels, labels).count()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
