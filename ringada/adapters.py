@@ -47,6 +47,24 @@ def _bottleneck_hook(module: nn.Module, args, output):
     return module.bottleneck(output)
 
 
+def check_target_modules(cfg: AdapterConfig, model_path: str, task: str) -> None:
+    """Reject LoRA target names that match nothing in a block, before any process group exists."""
+    if cfg.kind != "lora" or not cfg.target_modules:
+        return
+    from .config import ConfigError
+    from .models import auto_class, family_for, read_config
+
+    config = read_config(model_path)
+    with torch.device("meta"):
+        model = auto_class(config.model_type, task).from_config(config)
+    block = family_for(config.model_type, task)(model, task).block_list()[0]
+    names = {n.rsplit(".", 1)[-1] for n, m in block.named_modules() if n and len(list(m.children())) == 0}
+    missing = [t for t in cfg.target_modules if t not in names]
+    if missing:
+        raise ConfigError(f"adapter.target_modules: {missing} match no module in a block; available: "
+                          f"{', '.join(sorted(names))}")
+
+
 def head_module_names(cut: CutModel) -> list[str]:
     """Task heads that train with the adapters (a classifier is new, so it always trains)."""
     if cut.family.task != "classification":
@@ -118,8 +136,14 @@ def add_adapters(cut: CutModel, cfg: AdapterConfig, seed: int, base_dir: str = "
     if cfg.kind == "lora":
         peft_cfg = lora_config(cfg, cut, base_dir)
         config_json = peft_cfg.to_dict()
-        if len(held) == 0 and not heads:
-            return Adapters(kind="lora", params=[], config_json=config_json)
+        if len(held) == 0:
+            # No block to wrap (peft would find no target): the head alone trains, under peft's key for it.
+            for name in heads:
+                cut.model.get_submodule(name).requires_grad_(True)
+            named = [("base_model.model." + n, p) for n, p in cut.model.named_parameters()
+                     if n.split(".")[0] in heads]
+            params = sorted((AdapterParam(key, p, None) for key, p in named), key=lambda a: a.key)
+            return Adapters(kind="lora", params=params, config_json=config_json)
         from peft import get_peft_model
 
         if not heads:

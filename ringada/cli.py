@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sim)
     sim.add_argument("--world", type=int, required=True, help="number of ranks (star: 1 server + devices)")
     sim.add_argument("--steps", type=int, default=None, help="steps to simulate (default run.steps)")
+    bench = sub.add_parser("bench", help="run systems side by side and write bench.json, bench.md and plots",
+                           description="Runs ring-earlystop, ring-full, line, tdp-gpipe, tdp-1f1b and single on the "
+                           "same model, data, adapters and steps (SmolLM2 + Shakespeare by default; --smoke: a tiny "
+                           "model), in rotating rounds, and reports tokens/s (also relative to tdp-1f1b), step "
+                           "time, peak RSS, bytes on the wire and eval loss.")
+    bench.add_argument("--suite", choices=("ring", "star", "all"), default="ring")
+    bench.add_argument("--out", required=True, help="output directory")
+    bench.add_argument("--smoke", action="store_true", help="tiny random model and data (seconds, for CI)")
+    bench.add_argument("--repeats", type=int, default=1, help="rounds over all systems (median is reported)")
+    bench.add_argument("--world", type=int, default=4, help="ranks of the distributed systems")
     return parser
 
 
@@ -63,6 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank, args.log_level)
+    if args.command == "bench":
+        from pathlib import Path
+
+        from .bench import markdown_table, run_bench
+
+        try:
+            bench = run_bench(args.suite, Path(args.out), args.smoke, args.repeats, args.world)
+        except (ValueError, RuntimeError) as e:
+            print(f"ringada: bench error: {e}", file=sys.stderr)
+            return 2
+        print(markdown_table(bench), end="")
+        return 0
     try:
         cfg = config_mod.load(args.config, args.overrides)
     except config_mod.ConfigError as e:

@@ -102,11 +102,12 @@ class Counters:
 class Wire:
     """Point-to-point messages of one rank. ``sent_log`` records (kind, dst, step, mb) of every send."""
 
-    def __init__(self, rank: int, world_size: int, device: torch.device | None = None):
+    def __init__(self, rank: int, world_size: int, device: torch.device | None = None, log_messages: bool = False):
         self.rank = rank
         self.world_size = world_size
         self.device = device or torch.device("cpu")
         self.counters = Counters()
+        self.log_messages = log_messages
         self.sent_log: list[tuple[int, int, int, int]] = []
         self._pending_sends: list = []
         self._posted: dict[tuple[int, int, int, int], tuple[torch.Tensor, object]] = {}
@@ -119,7 +120,8 @@ class Wire:
         for part, t in enumerate([header, *tensors]):
             self._pending_sends.append((dist.isend(t, dst, tag=tag_for(step, kind, micro_batch, part)), t))
         self.counters.add("sent", kind, HEADER_BYTES + payload_bytes(tensors))
-        self.sent_log.append((kind, dst, step, micro_batch))
+        if self.log_messages:
+            self.sent_log.append((kind, dst, step, micro_batch))
 
     # -- receiving
     def expect(self, src: int, kind: int, step: int, micro_batch: int) -> None:

@@ -29,7 +29,8 @@ class RunConfig:
     steps: int = 20
     """Number of optimizer steps (global batches)."""
     eval_every: int = 0
-    """Evaluate every this many steps (0: only before and after training)."""
+    """Evaluate every this many steps (0: only before and after training); star modes evaluate at the end of
+    the round in which a multiple of eval_every falls."""
     eval_batches: int = 8
     """Number of eval batches (of data.batch_size sequences) per evaluation; 0 evaluates the whole eval set."""
     log_every: int = 1
@@ -428,6 +429,12 @@ def validate(cfg: Config) -> None:
                                           "per device step (set it to 1)")
         _require(unf.every == 0, f"unfreeze.every: got {unf.every}; star modes train all adapters (set it to 0)")
         _require(adapter.kind == "lora", f"adapter.kind: got {adapter.kind!r}; star modes use per-device LoRA sets")
+        _require(optim.grad_clip == 0, f"optim.grad_clip: got {optim.grad_clip}; star modes do not clip (devices and "
+                                       "server step separately); set it to 0")
+        if star.devices_per_round:
+            _require(star.min_devices <= star.devices_per_round,
+                     f"star.min_devices: got {star.min_devices} but only star.devices_per_round="
+                     f"{star.devices_per_round} take part in a round, so every round would be skipped")
     else:
         _require(not compressing, f"compress: got topk={comp.topk}, bits={comp.bits}, lossless={comp.lossless!r}; "
                                   "compression applies to the star modes (sfl, sft) only")
@@ -458,6 +465,10 @@ def check_against_model(cfg: Config, num_blocks: int, world_size: int) -> None:
                  f"holds at most {num_blocks - 1} (the server runs the rest)")
         _require(star.min_devices <= devices, f"star.min_devices: got {star.min_devices} but there are only "
                                               f"{devices} devices")
+        per_round = min(star.devices_per_round or devices, devices)
+        if cfg.pipeline.mode == "sfl" and star.schedule == "optimal":
+            _require(per_round <= 8, f"star.schedule: got 'optimal' with {per_round} devices per round; the "
+                                     "exhaustive search handles at most 8 (use heuristic, or star.devices_per_round)")
     _require(unf.initial <= num_blocks,
              f"unfreeze.initial: got {unf.initial}; the model has {num_blocks} blocks (expected <= {num_blocks})")
     mode = cfg.pipeline.mode

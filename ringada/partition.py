@@ -79,9 +79,10 @@ def block_ranges(partition: list[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def head_cost_in_blocks(config) -> float:
+def head_cost_in_blocks(config, task: str = "causal_lm", num_labels: int = 0) -> float:
     """The head's forward + backward work in block units, from parameter counts of a meta-device model: a frozen
-    linear layer costs in proportion to its weights per token. (The embedding lookup is negligible.)"""
+    linear layer costs in proportion to its weights per token. A classifier sees one pooled vector per sequence
+    (negligible); an LM head sees every token. (The embedding lookup is negligible.)"""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -90,10 +91,12 @@ def head_cost_in_blocks(config) -> float:
             model = AutoModelForCausalLM.from_config(config)
         except ValueError:
             model = AutoModelForSequenceClassification.from_config(config)
-    head = model.get_output_embeddings()
-    head_params = head.weight.numel() if head is not None else 0
     layers = next(m for name, m in model.named_modules() if name.endswith(("layers", ".h", "encoder.layer")))
     block_params = sum(p.numel() for p in layers[0].parameters())
+    if task == "classification":
+        return 0.0
+    head = model.get_output_embeddings()
+    head_params = head.weight.numel() if head is not None else 0
     return head_params / max(block_params, 1)
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from . import config as config_mod
 from . import schedule as sched
-from .adapters import add_adapters, save_adapters
+from .adapters import add_adapters, check_target_modules, save_adapters
 from .comm import ACT, ADAPTERS, GRAD, KIND_NAMES, LABELS, Counters, Wire, pack_state, unpack_state
 from .config import Config, ConfigError
 from .data import Batch
@@ -82,7 +82,8 @@ def world_from_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def make_topology(cfg: Config, rank: int, world_size: int) -> Topology:
+def make_topology(cfg: Config, rank: int, world_size: int, partition: list[int] | None = None) -> Topology:
+    """Who holds what; ``partition`` overrides pipeline.partition (a capacity plan agreed on at start-up)."""
     mode = cfg.pipeline.mode
     assert mode in ("single", "ring", "line"), f"the pipeline runtime does not run mode {mode}"
     if mode in ("ring", "line") and world_size < 2:
@@ -92,10 +93,13 @@ def make_topology(cfg: Config, rank: int, world_size: int) -> Topology:
     num_blocks = int(getattr(model_config, "num_hidden_layers", getattr(model_config, "n_layer", 0)))
     config_mod.check_against_model(cfg, num_blocks, world_size)
     part = cfg.pipeline.partition
-    if mode == "single":
+    if partition is not None:
+        pass
+    elif mode == "single":
         partition = [num_blocks]
     elif part == "even":
-        partition = even_partition(num_blocks, world_size, mode, head_cost_in_blocks(model_config))
+        partition = even_partition(num_blocks, world_size, mode,
+                                   head_cost_in_blocks(model_config, cfg.model.task, cfg.model.num_labels))
     elif part == "capacity":
         try:
             partition, details = plan_capacity(cfg, world_size)
@@ -141,7 +145,8 @@ class PipelineRuntime:
         self.num_blocks = self.cut.num_blocks
         # A classification head always trains; the frontier alone decides for a causal LM.
         self.head_trainable = cfg.model.task == "classification"
-        self.wire = Wire(topo.rank, topo.world_size, device) if topo.world_size > 1 else None
+        self.wire = Wire(topo.rank, topo.world_size, device, log_messages=cfg.run.message_log) \
+            if topo.world_size > 1 else None
         self.timers = RankTimers()
         self._plans: dict[tuple, sched.Plan] = {}
 
@@ -197,8 +202,8 @@ class PipelineRuntime:
                     masks[key] = tensors[1] if len(tensors) > 1 else None
                 elif a.kind == sched.F:
                     t0 = time.perf_counter()
-                    stats_mb = self._forward(stages[a.stage], a.mb, key, step, train and backward[a.stage], plan,
-                                             micro, labels, total, inputs, masks, outputs, losses)
+                    stats_mb = self._forward(stages[a.stage], a.mb, key, step, train, train and backward[a.stage],
+                                             plan, micro, labels, total, inputs, masks, outputs, losses)
                     stats.loss += stats_mb[0]
                     stats.correct += stats_mb[1]
                     self.timers.fwd_s += time.perf_counter() - t0
@@ -227,7 +232,8 @@ class PipelineRuntime:
             stats.count = total
         return stats
 
-    def _forward(self, stage, mb, key, step, grad, plan, micro, labels, total, inputs, masks, outputs, losses):
+    def _forward(self, stage, mb, key, step, train, grad, plan, micro, labels, total, inputs, masks, outputs,
+                 losses):
         cut = self.cut
         if stage.has_embed:
             batch = micro[mb]
@@ -240,8 +246,9 @@ class PipelineRuntime:
                 del inputs[key]  # kept only while its gradient still has to be sent down
         with torch.no_grad():
             ctx = cut.context(hidden, mask)
-        hidden = run_blocks(cut, stage.lo, stage.hi, hidden, ctx, frontier=plan.frontier, train=grad,
-                            seed=self.cfg.run.seed, step=step, micro_batch=mb, dropout=self.cfg.adapter.dropout > 0)
+        hidden = run_blocks(cut, stage.lo, stage.hi, hidden, ctx, frontier=plan.frontier, grad=grad,
+                            training=train, seed=self.cfg.run.seed, step=step, micro_batch=mb,
+                            dropout=self.cfg.adapter.dropout > 0)
         if not stage.has_head:
             outputs[key] = (hidden, mask)
             return 0.0, 0
@@ -365,42 +372,65 @@ def gather_rank_rows(world_size: int, own: dict, counters: Counters) -> list[dic
 
 
 def _init_distributed(topo: Topology) -> torch.device:
+    """gloo on CPU tensors. (The wire relies on P2P tags and pre-posted receives, which NCCL does not honour;
+    GPU placement is not supported in this version.)"""
     if topo.world_size == 1:
         return torch.device("cpu")
     if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"):
         # One box: keep gloo's listening sockets on loopback unless the user chose an interface.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend=backend)
-    return device
+    dist.init_process_group(backend="gloo")
+    return torch.device("cpu")
 
 
 def train(cfg: Config) -> dict | None:
-    """Train with the world torchrun gave us (or one process). Returns the summary on rank 0."""
+    """Train with the world torchrun gave us (or one process). Returns the summary on rank 0.
+
+    Everything a user can get wrong is checked before the process group starts: the config, the partition, the
+    LoRA target names and (on the initiator, which owns the data) the data. A capacity partition is the one
+    exception in part: rank 0 measures and plans it, then broadcasts it, so all ranks (on any machine) agree.
+    """
     rank, world_size = world_from_env()
-    topo = make_topology(cfg, rank, world_size)  # every config error is raised here, before any collective
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    capacity = cfg.pipeline.partition == "capacity" and cfg.pipeline.mode != "single"
+    topo = make_topology(cfg, rank, world_size, partition=[0] * world_size if capacity else None)
+    check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
+    data = load_run_data(cfg, read_config(cfg.model.path).vocab_size) if rank == 0 else None
     torch.manual_seed(cfg.run.seed)
     device = _init_distributed(topo)
     try:
-        return _train(cfg, topo, device)
+        if capacity:
+            topo = make_topology(cfg, rank, world_size, partition=_agree_on_capacity(cfg, rank, world_size))
+        return _train(cfg, topo, device, data)
     finally:
         if topo.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, topo: Topology, device: torch.device) -> dict | None:
+def _agree_on_capacity(cfg: Config, rank: int, world_size: int) -> list[int]:
+    plan = [-1] * world_size
+    error = None
+    if rank == 0:
+        try:
+            plan, details = plan_capacity(cfg, world_size)
+            log.info("capacity partition %s: max blocks per rank %s, stage seconds %s", plan, details["max_blocks"],
+                     [round(t, 3) for t in details["stage_s"]])
+        except ValueError as e:
+            error = e
+    t = torch.tensor(plan, dtype=torch.int64)
+    dist.broadcast(t, src=0)
+    if error is not None:
+        raise ConfigError(str(error))
+    if int(t[0]) < 0:
+        raise ConfigError("pipeline.partition: rank 0 could not plan a capacity partition (see its error)")
+    return t.tolist()
+
+
+def _train(cfg: Config, topo: Topology, device: torch.device, data) -> dict | None:
     rt = PipelineRuntime(cfg, topo, device)
     L, M = rt.num_blocks, cfg.data.micro_batches
     lead = topo.is_initiator
-    data = load_run_data(cfg, rt.cut.model.config.vocab_size) if lead else None
     if lead:
         log.info("%s: %d ranks, blocks per rank %s, schedule %s, %d micro-batches", topo.mode, topo.world_size,
                  topo.partition, cfg.pipeline.schedule, M)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .adapters import add_adapters, add_lora_sets, lora_config, save_adapters
+from .adapters import add_adapters, add_lora_sets, check_target_modules, lora_config, save_adapters
 from .comm import ACT, ADAPTERS, CONTROL, GRAD, LABELS, TOP, TOP_GRAD, Wire, pack_state, unpack_state
 from .compress import Codec, decode, encode
 from .config import Config, ConfigError, check_against_model
@@ -38,7 +38,7 @@ from .federated.aggregate import aggregate
 from .federated.scheduling import makespan, server_order
 from .federated.selection import Mobility, Selector, steps_before_leaving
 from .federated.shards import shard_rows
-from .models import load_model, num_blocks_of, parameter_counts, resolve_model_dir
+from .models import load_model, num_blocks_of, parameter_counts, read_config, resolve_model_dir
 from .profiles import load_profile
 from .runtime import gather_rank_rows
 from .train import (RunRecorder, correct_count, eval_record, load_run_data, loss_sum, make_optimizer,
@@ -153,7 +153,7 @@ class DeviceTimes:
 class Device:
     """Embedding + blocks [0, d) + their LoRA (+ head and loss under label privacy) and its data shard."""
 
-    def __init__(self, cfg: Config, topo: StarTopology, wire: SmashedWire):
+    def __init__(self, cfg: Config, topo: StarTopology, wire: SmashedWire, data, shard: Dataset):
         self.cfg, self.topo, self.wire = cfg, topo, wire
         self.depth = topo.depth(topo.rank)
         privacy = cfg.star.label_privacy
@@ -162,10 +162,7 @@ class Device:
         self.adapters = add_adapters(self.cut, cfg.adapter, cfg.run.seed,
                                      base_dir=str(resolve_model_dir(cfg.model.path)))
         self.optimizer = make_optimizer(cfg, self.adapters)
-        data = load_run_data(cfg, self.cut.model.config.vocab_size)
-        rows = shard_rows(data.train.groups, topo.world_size - 1, cfg.star.split, cfg.star.alpha, cfg.run.seed,
-                          cfg.data.batch_size)[topo.rank - 1]
-        self.shard: Dataset = data.train.subset(rows, f"{data.train.name}:device{topo.rank}")
+        self.shard = shard
         self.eval_set = data.eval
         self.steps_done = 0
         self.times = DeviceTimes()
@@ -175,8 +172,10 @@ class Device:
         with torch.no_grad():
             hidden = self.cut.embed(batch.input_ids)
             ctx = self.cut.context(hidden, batch.attention_mask)
-        return run_blocks(self.cut, 0, self.depth, hidden, ctx, frontier=0, train=train, seed=self.cfg.run.seed,
-                          step=self.steps_done, micro_batch=self.topo.rank, dropout=self.cfg.adapter.dropout > 0)
+        # micro-batch 0 and the device's own step count: the seeds a single process would use for its batch
+        return run_blocks(self.cut, 0, self.depth, hidden, ctx, frontier=0, grad=train, training=train,
+                          seed=self.cfg.run.seed, step=self.steps_done, micro_batch=0,
+                          dropout=self.cfg.adapter.dropout > 0)
 
     def send_activation(self, batch: Batch, step: int, hidden: torch.Tensor, fwd_s: float) -> None:
         extra = [batch.attention_mask] if batch.attention_mask is not None else []
@@ -220,6 +219,7 @@ class Device:
         self.times.fwd_s += fwd_s
         self.times.bwd_s += self.last_bwd_s
         self.steps_done += 1
+        self.wire.wire.flush()  # the server has consumed this step's sends: release their buffers
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> None:
@@ -233,6 +233,7 @@ class Device:
                 _, s = self.head_loss(top, batch, step, train=False)
                 stats = [a + b for a, b in zip(stats, s)]
         self.wire.wire.send(0, CONTROL, -99, 0, [torch.tensor(stats, dtype=torch.float64)])
+        self.wire.wire.flush()
 
     def run(self) -> None:
         wire = self.wire.wire
@@ -293,6 +294,7 @@ class Server:
         self.rng = random.Random(cfg.run.seed)
         self.fwd_s = self.bwd_s = 0.0
         self.n_eval = 0
+        self.device_loss: dict[int, float] = {}  # each device's last training loss (client selection)
 
     def set_name(self, device: int) -> str:
         return "shared" if self.sft else f"dev{device}"
@@ -312,9 +314,8 @@ class Server:
                     mask = torch.cat(([mask] if mask is not None else []) + [masks[i] for i in joining])
                 with torch.no_grad():
                     ctx = self.cut.context(joined, mask)
-            joined = run_blocks(self.cut, b, b + 1, joined, ctx, frontier=0, train=train, seed=self.cfg.run.seed,
-                                step=step, micro_batch=devices[0] if len(devices) == 1 else 0,
-                                dropout=self.cfg.adapter.dropout > 0)
+            joined = run_blocks(self.cut, b, b + 1, joined, ctx, frontier=0, grad=train, training=train,
+                                seed=self.cfg.run.seed, step=step, dropout=self.cfg.adapter.dropout > 0)
         pieces = torch.split(joined, [hiddens[i].shape[0] for i in members])
         tops = [None] * len(devices)
         for i, piece in zip(members, pieces):
@@ -376,6 +377,8 @@ class Server:
                 stats.append(s.tolist())
             counts = [int(s[1]) for s in stats]
             total = sum(counts)
+            for u, st in zip(devices, stats):
+                self.device_loss[u] = st[0] / max(st[1], 1)
             weights = [c / total for c in counts] if self.sft else [1.0] * len(devices)
             t0 = time.perf_counter()
             torch.autograd.backward(tops, [w * g for w, g in zip(weights, grads)])
@@ -389,6 +392,8 @@ class Server:
             for top, mask, lab, c in zip(tops, masks, labels, counts):
                 losses.append(loss_sum(self.cut.head(top, mask), lab))
             loss_value = float(sum(l.detach() for l in losses))
+            for u, l, c in zip(devices, losses, counts):
+                self.device_loss[u] = float(l.detach()) / max(c, 1)
             joint = sum(w * l / c for w, l, c in zip(weights, losses, counts))
             t0 = time.perf_counter()
             joint.backward()
@@ -422,10 +427,16 @@ class Server:
 
     # -- adapters
     def global_state(self, device_views: dict[int, dict], devices: list[int], weights: dict[int, float]) -> dict:
+        """Layer-wise FedAvg of the devices' views: device u's own adapters below its cut, the server set that
+        trained on its data from the cut up (in sft the shared set reaches lower than some devices' cuts; those
+        blocks trained on u's device, so u's view takes them from there)."""
         views = []
         for u in devices:
             view = dict(device_views[u])
-            view.update(self.sets[self.set_name(u)].state_dict())
+            depth = self.topo.depth(u)
+            for p in self.sets[self.set_name(u)].params:
+                if p.block is None or p.block >= depth:
+                    view[p.key] = p.param.detach().clone()
             views.append((weights[u], view))
         return aggregate(views)
 
@@ -459,9 +470,17 @@ class Server:
 
 
 def train_star(cfg: Config, rank: int, world_size: int) -> dict | None:
-    topo = make_star_topology(cfg, rank, world_size)  # config errors surface before any collective
+    """Config, LoRA targets and (on devices) data and shards are checked before the process group starts."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    topo = make_star_topology(cfg, rank, world_size)
+    check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
+    data = shard = None
+    if not topo.is_server:
+        data = load_run_data(cfg, read_config(cfg.model.path).vocab_size)
+        rows = shard_rows(data.train.groups, world_size - 1, cfg.star.split, cfg.star.alpha, cfg.run.seed,
+                          cfg.data.batch_size)[rank - 1]
+        shard = data.train.subset(rows, f"{data.train.name}:device{rank}")
     torch.manual_seed(cfg.run.seed)
     if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -473,7 +492,7 @@ def train_star(cfg: Config, rank: int, world_size: int) -> dict | None:
         wire = SmashedWire(Wire(rank, world_size), codecs, cfg.run.seed)
         if topo.is_server:
             return _serve(cfg, topo, wire)
-        device = Device(cfg, topo, wire)
+        device = Device(cfg, topo, wire, data, shard)
         device.run()
         gather_rank_rows(world_size, {"rank": rank, "blocks": [0, device.depth], "fwd_s": device.times.fwd_s,
                                       "bwd_s": device.times.bwd_s}, wire.wire.counters)
@@ -512,7 +531,7 @@ def _serve(cfg: Config, topo: StarTopology, wire: SmashedWire) -> dict:
             step = t * star.local_steps + k
             active = [u for u in selected if plan[u] > k]
             t0 = time.perf_counter()
-            record = {"step": step, "round": t, "devices": active, "trainable_blocks": L}
+            record = {"step": step, "round": t, "devices": active, "trainable_blocks": L, "loss": None}
             if active:
                 if server.sft:
                     loss_sum_value, _, count = server.serve_sft(active, step)
@@ -540,7 +559,9 @@ def _serve(cfg: Config, topo: StarTopology, wire: SmashedWire) -> dict:
         round_s = time.perf_counter() - round_start
         for u in selected:
             if plan[u]:
-                server.profile.step_time[u] = round_s / max(plan[u], 1)
+                # the round's time over its step slots: a device that left early is not charged for the slots
+                # it missed (that would make it look slower and leave sooner next time)
+                server.profile.step_time[u] = round_s / star.local_steps
         # aggregation over the devices that finished the round
         finished = [u for u in selected if plan[u] == star.local_steps]
         dropped = [u for u in selected if plan[u] < star.local_steps]
@@ -556,9 +577,10 @@ def _serve(cfg: Config, topo: StarTopology, wire: SmashedWire) -> dict:
             raw.send(u, ADAPTERS, t, 2, pack_state(device_keys))
             device_views[u] = device_keys
         raw.flush()
+        prof = server.profile
         for u in selected:
-            losses = [r.get("loss") for r in step_records if u in r.get("devices", [])]
-            server.selector.record(u, u in finished, losses[-1] if losses else None, server.profile.step_time.get(u))
+            delay = prof.release.get(u, 0.0) + prof.server.get(u, 0.0) + prof.tail.get(u, 0.0)
+            server.selector.record(u, u in finished, server.device_loss.get(u), delay or None)
         save_adapters(out / "rounds" / f"round_{t:04d}", global_state, server.config_json)
         round_info = {"round_selected": selected, "round_finished": finished, "round_dropped": dropped,
                       "round_skipped": skipped, "round_s": round_s}
@@ -566,7 +588,8 @@ def _serve(cfg: Config, topo: StarTopology, wire: SmashedWire) -> dict:
         if star.mobility != "none" or skipped:
             log.info("round %d: selected %s finished %s dropped %s%s", t, selected, finished, dropped,
                      " (skipped: fewer than star.min_devices)" if skipped else "")
-        if cfg.run.eval_every and server.n_eval and (t + 1) % cfg.run.eval_every == 0 and t + 1 < star.rounds:
+        every, done = cfg.run.eval_every, (t + 1) * star.local_steps
+        if every and server.n_eval and done // every > (done - star.local_steps) // every and t + 1 < star.rounds:
             step_records[-1].update(server.evaluate())
         for r in step_records:
             recorder.step(r)

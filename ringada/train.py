@@ -91,15 +91,25 @@ def dropout_seed(seed: int, step: int, micro_batch: int, block: int) -> int:
 
 
 def run_blocks(cut: CutModel, lo: int, hi: int, hidden: torch.Tensor, ctx: dict, *, frontier: int,
-               train: bool, seed: int = 0, step: int = 0, micro_batch: int = 0, dropout: bool = False):
-    """Run blocks [lo, hi). Blocks below the frontier run under no_grad (no graph, no stored activations)."""
+               grad: bool, training: bool, seed: int = 0, step: int = 0, micro_batch: int = 0,
+               dropout: bool = False):
+    """Run blocks [lo, hi). With ``grad``, blocks at or above the frontier build a graph; the others run under
+    no_grad (no graph, no stored activations). ``training`` turns adapter dropout on, seeded per (seed, step,
+    micro-batch, block) so that any process running the block draws the same mask."""
+    set_adapter_dropout(cut.model, training and dropout)
     for i in range(lo, hi):
-        grad = train and i >= frontier
-        if dropout and train:
+        if dropout and training:
             torch.manual_seed(dropout_seed(seed, step, micro_batch, i))
-        with nullcontext() if grad else torch.no_grad():
+        with nullcontext() if grad and i >= frontier else torch.no_grad():
             hidden = cut.run_block(i, hidden, ctx)
     return hidden
+
+
+def set_adapter_dropout(model: nn.Module, active: bool) -> None:
+    """Adapter dropout modules follow training/eval (the frozen base always runs in eval mode)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and ("lora_dropout" in name or "bottleneck" in name):
+            module.train(active)
 
 
 def clip_coefficient(total_sq_norm: float, max_norm: float) -> float:

@@ -59,6 +59,15 @@ def test_set_overrides_file_values(tmp_path):
     (["unfreeze.increment=0"], ["unfreeze.increment", ">= 1"]),
     (["unfreeze.every=-1"], ["unfreeze.every", "-1"]),
     (["run.eval_every=-2"], ["run.eval_every", "-2"]),
+    (["run.steps=1", "pipeline.mode=sfl", "optim.grad_clip=1.0"], ["optim.grad_clip", "star modes do not clip"]),
+    (["run.steps=1", "pipeline.mode=sfl", "star.devices_per_round=2", "star.min_devices=3"], ["star.min_devices", "skipped"]),
+    (["pipeline.mode=sfl", "run.steps=3"], ["run.steps", "star.rounds * star.local_steps"]),
+    (["run.steps=1", "pipeline.mode=sfl", "data.micro_batches=2"], ["data.micro_batches", "star modes"]),
+    (["run.steps=1", "pipeline.mode=sft", "star.allocate=true"], ["star.profile", "null"]),
+    (["run.steps=1", "pipeline.mode=sfl", "star.allocate=true", "star.profile=p.yaml"], ["star.allocate", "sft"]),
+    (["run.steps=1", "pipeline.mode=sfl", "star.mobility=exponential"], ["star.dwell_mean", "> 0"]),
+    (["compress.topk=0.1"], ["compress", "star modes"]),
+    (["run.steps=1", "pipeline.mode=sft", "compress.topk=0"], ["compress.topk", "(0, 1]"]),
 ])
 def test_rejections_name_key_value_and_fix(overrides, words):
     with pytest.raises(C.ConfigError) as err:
@@ -116,3 +125,25 @@ def test_every_shipped_config_loads():
     assert files
     for path in files:
         C.load(path)
+
+
+def test_star_checks_against_world_and_model():
+    cfg = C.load(None, ["run.steps=1", "pipeline.mode=sfl", "star.device_blocks=[1, 2]", "star.schedule=optimal"])
+    with pytest.raises(C.ConfigError, match=r"2 entries\) for 3 devices"):
+        C.check_against_model(cfg, 30, 4)
+    with pytest.raises(C.ConfigError, match="at most 29"):
+        C.check_against_model(C.load(None, ["run.steps=1", "pipeline.mode=sfl", "star.device_blocks=[30]"]), 30, 3)
+    with pytest.raises(C.ConfigError, match="optimal.*9 devices per round"):
+        C.check_against_model(C.load(None, ["run.steps=1", "pipeline.mode=sfl", "star.schedule=optimal"]), 30, 10)
+    with pytest.raises(C.ConfigError, match="need a server and >= 1 device"):
+        C.check_against_model(C.load(None, ["run.steps=1", "pipeline.mode=sft"]), 30, 1)
+
+
+def test_lora_target_typos_are_rejected_before_any_process_starts(tiny_dirs):
+    from ringada.adapters import check_target_modules
+
+    cfg = C.load(None, ["adapter.target_modules=[q_proj, qproj]"])
+    with pytest.raises(C.ConfigError, match=r"\['qproj'\] match no module in a block; available: .*q_proj"):
+        check_target_modules(cfg.adapter, str(tiny_dirs["llama"]), "causal_lm")
+    check_target_modules(C.load(None, ["adapter.target_modules=[c_attn]"]).adapter, str(tiny_dirs["gpt2"]),
+                         "causal_lm")

@@ -102,3 +102,16 @@ def test_outputs_follow_the_contract(tmp_path, tiny_dirs, token_jsonl):
     ds = load_dataset(str(token_jsonl), "eval", task="causal_lm", seq_len=16)
     eval_set = [(b.input_ids, b.labels, b.attention_mask) for b in ds.eval_batches(4, 2)]
     assert reference_eval(model, eval_set) == pytest.approx(saved["eval_loss"], rel=1e-6)
+
+
+def test_adapter_dropout_trains_but_never_touches_evaluation(tmp_path, tiny_dirs, token_jsonl):
+    """With dropout on, evaluation still equals stock peft's (eval mode: no dropout), and training is seeded:
+    two runs give the same adapters."""
+    cfgs = [_config(tmp_path / str(i), tiny_dirs["llama"], token_jsonl, ["adapter.dropout=0.5"]) for i in range(2)]
+    summaries = [run_single(c) for c in cfgs]
+    model, _ = load_reference(str(tiny_dirs["llama"]), str(tmp_path / "0" / "out" / "adapter"))
+    ds = load_dataset(str(token_jsonl), "eval", task="causal_lm", seq_len=16)
+    eval_set = [(b.input_ids, b.labels, b.attention_mask) for b in ds.eval_batches(4, 2)]
+    assert reference_eval(model, eval_set) == pytest.approx(summaries[0]["eval_loss"], rel=1e-6)
+    a, b = (load_file(tmp_path / str(i) / "out" / "adapter" / "adapter_model.safetensors") for i in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -128,3 +128,25 @@ def test_sft_allocation_plans_depths_and_keep_ratios_from_a_profile(pool4, tmp_p
     summary = json.loads(open(tmp_path / "out" / "summary.json").read())
     assert summary["device_blocks"] == summary["allocation"]["depths"]
     assert [r["blocks"] for r in summary["ranks"][1:]] == [[0, d] for d in summary["device_blocks"]]
+
+
+def test_sft_views_take_blocks_below_a_devices_cut_from_the_device():
+    """In sft the shared server set reaches down to the shallowest cut; a deeper device trained those blocks on
+    itself, so its view must hold its own copies there (and the server's from its cut up)."""
+    from torch import nn
+
+    from ringada.adapters import AdapterParam, Adapters
+    from ringada.star import Server, StarTopology
+
+    server = Server.__new__(Server)
+    server.sft, server.topo = True, StarTopology(rank=0, world_size=3, num_blocks=4, depths=[1, 3])
+    shared = {b: nn.Parameter(torch.full((2,), float(10 + b))) for b in (1, 2, 3)}
+    server.sets = {"shared": Adapters("lora", [AdapterParam(f"m.layers.{b}.A", p, b) for b, p in shared.items()])}
+    device_views = {1: {"m.layers.0.A": torch.zeros(2)},
+                    2: {f"m.layers.{b}.A": torch.full((2,), float(b)) for b in (0, 1, 2)}}
+    out = server.global_state(device_views, [1, 2], {1: 1.0, 2: 3.0})
+    # block 1: device 1's rows used the shared copy (11), device 2 its own (1): (1*11 + 3*1) / 4
+    torch.testing.assert_close(out["m.layers.1.A"], torch.full((2,), (11 + 3 * 1) / 4))
+    torch.testing.assert_close(out["m.layers.2.A"], torch.full((2,), (12 + 3 * 2) / 4))
+    torch.testing.assert_close(out["m.layers.3.A"], torch.full((2,), 13.0))  # server side for both
+    torch.testing.assert_close(out["m.layers.0.A"], torch.full((2,), 0.0))
