@@ -40,7 +40,7 @@ from .federated.selection import Mobility, Selector, steps_before_leaving
 from .federated.shards import shard_rows
 from .models import load_model, num_blocks_of, parameter_counts, read_config, resolve_model_dir
 from .profiles import load_profile
-from .runtime import gather_rank_rows
+from .runtime import _fmt, gather_rank_rows
 from .train import (RunRecorder, correct_count, eval_record, load_run_data, loss_sum, make_optimizer,
                     peak_rss_bytes, progress, run_blocks)
 
@@ -622,7 +622,3 @@ def _serve(cfg: Config, topo: StarTopology, wire: SmashedWire) -> dict:
     if after:
         log.info("eval after training: %s (before: %s)", _fmt(after), _fmt(before))
     return summary
-
-
-def _fmt(record: dict) -> str:
-    return " ".join(f"{k} {v:.4f}" for k, v in record.items())
