@@ -3,7 +3,7 @@
 Wire format (Note: wire format). A message is a fixed int64 header followed by its payload tensors, each sent
 as a separate tagged isend:
 
-    header = [MAGIC, kind, step, micro_batch, n_tensors, (dtype, ndim, d0, d1, d2, d3) * MAX_TENSORS]
+    header = [MAGIC, kind, step, micro_batch, n_tensors, sent_ns, (dtype, ndim, d0, d1, d2, d3) * MAX_TENSORS]
 
 The receiver pre-posts header receives for every message its plan expects (``expect``), then on ``recv`` checks
 the header against what it expects (kind, step, micro-batch), allocates the payload from the header and receives
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = 0x52494E47  # "RING"
 MAX_TENSORS = 3
-HEADER_LEN = 5 + 6 * MAX_TENSORS
+HEADER_LEN = 6 + 6 * MAX_TENSORS
 HEADER_BYTES = HEADER_LEN * 8
 MAX_MICRO_BATCHES = 4096
 
@@ -51,12 +51,13 @@ def encode_header(kind: int, step: int, micro_batch: int, tensors: list[torch.Te
     if len(tensors) > MAX_TENSORS:
         raise ValueError(f"a message carries at most {MAX_TENSORS} tensors, got {len(tensors)}")
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    header[:5] = torch.tensor([MAGIC, kind, step, micro_batch, len(tensors)])
+    # The send time lets a receiver on the same box emulate a slower link (see Wire.link_delay).
+    header[:6] = torch.tensor([MAGIC, kind, step, micro_batch, len(tensors), time.time_ns()])
     for i, t in enumerate(tensors):
         if t.dim() > 4:
             raise ValueError(f"tensor {i} has {t.dim()} dims; the wire format carries at most 4")
         shape = list(t.shape) + [0] * (4 - t.dim())
-        header[5 + 6 * i: 11 + 6 * i] = torch.tensor([_DTYPE_CODE[t.dtype], t.dim(), *shape])
+        header[6 + 6 * i: 12 + 6 * i] = torch.tensor([_DTYPE_CODE[t.dtype], t.dim(), *shape])
     return header
 
 
@@ -67,7 +68,7 @@ def decode_header(header: torch.Tensor) -> tuple[int, int, int, list[tuple[torch
     kind, step, micro_batch, count = values[1:5]
     specs = []
     for i in range(count):
-        code, ndim, *shape = values[5 + 6 * i: 11 + 6 * i]
+        code, ndim, *shape = values[6 + 6 * i: 12 + 6 * i]
         specs.append((_DTYPES[code], tuple(shape[:ndim])))
     return kind, step, micro_batch, specs
 
@@ -102,7 +103,11 @@ class Counters:
 class Wire:
     """Point-to-point messages of one rank. ``sent_log`` records (kind, dst, step, mb) of every send."""
 
-    def __init__(self, rank: int, world_size: int, device: torch.device | None = None, log_messages: bool = False):
+    def __init__(self, rank: int, world_size: int, device: torch.device | None = None, log_messages: bool = False,
+                 link_delay=None):
+        """``link_delay(nbytes) -> seconds``, when given, holds every received message until its send time plus
+        that delay (link emulation on one box: both ends share the clock)."""
+        self.link_delay = link_delay
         self.rank = rank
         self.world_size = world_size
         self.device = device or torch.device("cpu")
@@ -144,8 +149,13 @@ class Wire:
         works = [dist.irecv(t, src, tag=tag_for(step, kind, micro_batch, part + 1)) for part, t in enumerate(tensors)]
         for w in works:
             w.wait()
+        nbytes = HEADER_BYTES + payload_bytes(tensors)
+        if self.link_delay is not None:
+            hold = int(header[5]) / 1e9 + self.link_delay(nbytes) - time.time()
+            if hold > 0:
+                time.sleep(hold)
         self.counters.wait_s += time.perf_counter() - t0
-        self.counters.add("recv", kind, HEADER_BYTES + payload_bytes(tensors))
+        self.counters.add("recv", kind, nbytes)
         return tensors
 
     def flush(self) -> None:

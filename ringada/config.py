@@ -109,7 +109,12 @@ class PipelineConfig:
     """Blocks per rank: `even`, `capacity` (fastest split that fits pipeline.profile's memory budgets, from
     measured per-block costs), or an explicit list with one entry per rank."""
     profile: str | None = None
-    """Profile YAML (configs/profiles/) of the ranks: speed and memory budget per rank, link bandwidth/latency."""
+    """Profile YAML (configs/profiles/) of the ranks: speed and memory budget per rank, link bandwidth/latency.
+    With a profile, each rank's estimated memory is checked against its budget before training starts."""
+    emulate: bool = False
+    """Emulate the profile on this machine: each rank's compute is stretched to its speed (a sleep of
+    (1/speed - 1) x the measured time; speeds above this machine's count as 1) and every message is held for the
+    link's latency + bytes / bandwidth after it was sent."""
 
 
 @dataclass(kw_only=True)
@@ -392,6 +397,11 @@ def validate(cfg: Config) -> None:
         _require(len(pipe.partition) >= 1, "pipeline.partition: got []; expected one entry per rank")
         _require(all(n >= 0 for n in pipe.partition),
                  f"pipeline.partition: got {pipe.partition}; block counts must be >= 0")
+    if pipe.emulate:
+        _require(pipe.profile is not None, "pipeline.profile: got null; pipeline.emulate needs a profile, e.g. "
+                                           "configs/profiles/ring4.yaml")
+        _require(pipe.mode in ("ring", "line"), f"pipeline.emulate: got true with pipeline.mode={pipe.mode!r}; "
+                                                "emulation covers ring and line runs")
     if pipe.partition == "capacity":
         _require(pipe.profile is not None, "pipeline.profile: got null; pipeline.partition=capacity needs the "
                                            "ranks' speeds and memory budgets, e.g. configs/profiles/ring4.yaml")

@@ -141,3 +141,38 @@ def cfg_num_blocks(cfg) -> int:
     from .models import num_blocks_of
 
     return num_blocks_of(cfg.model.path)
+
+
+def estimate_memory(cfg, partition: list[int]) -> list[float]:
+    """Estimated bytes per rank for its slice: weights (+3% for LoRA and AdamW state) plus ~16 saved tensors of
+    each micro-batch's hidden state it may hold at once, plus the embedding (rank 0) and the head (the rank
+    holding it). The same model as `capacity`; it excludes the Python/torch runtime itself."""
+    from .models import parameter_counts
+
+    sizes = parameter_counts(cfg.model.path, cfg.model.task, cfg.model.num_labels)
+    world = len(partition)
+    rows = -(-cfg.data.batch_size // cfg.data.micro_batches)
+    act = rows * cfg.data.seq_len * sizes["hidden"] * 4
+    held = cfg.data.micro_batches if cfg.pipeline.schedule == "gpipe" else min(cfg.data.micro_batches, world + 1)
+    block = sizes["block"] * 4 * 1.03 + 16 * act * held
+    head_rank = 0 if cfg.pipeline.mode == "ring" else world - 1
+    head = (sizes["head"] - (sizes["embedding"] if sizes["tied"] and head_rank == 0 else 0)) * 4
+    out = [b * block for b in partition]
+    out[0] += sizes["embedding"] * 4
+    out[head_rank] += head
+    return out
+
+
+def check_memory(cfg, partition: list[int]) -> None:
+    """With pipeline.profile: every rank's estimated slice must fit its memory budget."""
+    from .profiles import load_profile
+
+    profile = load_profile(cfg.pipeline.profile)
+    if len(profile.devices) != len(partition):
+        raise ValueError(f"pipeline.profile: {cfg.pipeline.profile} describes {len(profile.devices)} ranks but "
+                         f"WORLD_SIZE is {len(partition)}")
+    for r, (need, device) in enumerate(zip(estimate_memory(cfg, partition), profile.devices)):
+        if need > device.memory_mb * 2**20:
+            raise ValueError(f"pipeline.partition: rank {r} ({device.name}) would need ~{need / 2**20:.0f} MiB for "
+                             f"{partition[r]} blocks but its budget is {device.memory_mb:.0f} MiB; give it fewer "
+                             "blocks or use pipeline.partition=capacity")

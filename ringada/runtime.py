@@ -29,7 +29,7 @@ from .comm import ACT, ADAPTERS, GRAD, KIND_NAMES, LABELS, Counters, Wire, pack_
 from .config import Config, ConfigError
 from .data import Batch
 from .models import load_model, read_config, resolve_model_dir
-from .partition import block_ranges, even_partition, head_cost_in_blocks, plan_capacity
+from .partition import block_ranges, check_memory, even_partition, head_cost_in_blocks, plan_capacity
 from .train import (RunRecorder, Unfreezer, clip_coefficient, correct_count, eval_record, input_tokens,
                     load_run_data, loss_sum, make_optimizer, peak_rss_bytes, progress, run_blocks)
 
@@ -110,6 +110,11 @@ def make_topology(cfg: Config, rank: int, world_size: int, partition: list[int] 
                      details["max_blocks"], [round(t, 3) for t in details["stage_s"]])
     else:
         partition = list(part)
+    if cfg.pipeline.profile and part != "capacity" and mode != "single":
+        try:
+            check_memory(cfg, partition)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return Topology(mode=mode, rank=rank, world_size=world_size, partition=partition,
                     stages=sched.build_stages("ring" if mode == "ring" else "line", partition))
 
@@ -145,8 +150,15 @@ class PipelineRuntime:
         self.num_blocks = self.cut.num_blocks
         # A classification head always trains; the frontier alone decides for a causal LM.
         self.head_trainable = cfg.model.task == "classification"
-        self.wire = Wire(topo.rank, topo.world_size, device, log_messages=cfg.run.message_log) \
-            if topo.world_size > 1 else None
+        self.slowdown, link_delay = 0.0, None
+        if cfg.pipeline.emulate:
+            from .profiles import load_profile
+
+            profile = load_profile(cfg.pipeline.profile)
+            self.slowdown = emulated_slowdown(profile.speed(profile.devices[topo.rank].gflops))
+            link_delay = profile.link_seconds
+        self.wire = Wire(topo.rank, topo.world_size, device, log_messages=cfg.run.message_log,
+                         link_delay=link_delay) if topo.world_size > 1 else None
         self.timers = RankTimers()
         self._plans: dict[tuple, sched.Plan] = {}
 
@@ -206,6 +218,7 @@ class PipelineRuntime:
                                              plan, micro, labels, total, inputs, masks, outputs, losses)
                     stats.loss += stats_mb[0]
                     stats.correct += stats_mb[1]
+                    self._emulate(t0)
                     self.timers.fwd_s += time.perf_counter() - t0
                 elif a.kind == sched.SEND_F:
                     out, mask = outputs[key]
@@ -221,6 +234,7 @@ class PipelineRuntime:
                     else:
                         out, _ = outputs.pop(key)
                         torch.autograd.backward(out, grads.pop(key))
+                    self._emulate(t0)
                     self.timers.bwd_s += time.perf_counter() - t0
                 elif a.kind == sched.SEND_B:
                     wire.send(a.peer, GRAD, step, a.mb, [inputs.pop(key).grad])
@@ -231,6 +245,11 @@ class PipelineRuntime:
         if self.topo.holds_head:
             stats.count = total
         return stats
+
+    def _emulate(self, started: float) -> None:
+        """pipeline.emulate: stretch the compute that began at ``started`` to this rank's profile speed."""
+        if self.slowdown:
+            time.sleep((time.perf_counter() - started) * self.slowdown)
 
     def _forward(self, stage, mb, key, step, train, grad, plan, micro, labels, total, inputs, masks, outputs,
                  losses):
@@ -337,6 +356,14 @@ class PipelineRuntime:
             out.mkdir(parents=True, exist_ok=True)
             rows = [[KIND_NAMES[k], dst, step, mb] for k, dst, step, mb in self.wire.sent_log]
             (out / f"rank{self.topo.rank}.json").write_text(json.dumps(rows))
+
+
+def emulated_slowdown(speed: float) -> float:
+    """Extra sleep per second of real compute for a rank of relative ``speed`` (this machine = 1; a faster
+    device cannot be emulated, so speeds above 1 count as 1)."""
+    if speed <= 0:
+        raise ValueError(f"speed must be > 0, got {speed}")
+    return max(0.0, 1.0 / speed - 1.0)
 
 
 def gather_rank_rows(world_size: int, own: dict, counters: Counters) -> list[dict]:

@@ -16,13 +16,13 @@ import math
 from dataclasses import dataclass
 
 from . import schedule as sched
+from .comm import HEADER_BYTES
 from .config import Config
 from .costs import Costs
 from .federated.scheduling import makespan, server_order
 from .profiles import Profile
 from .train import trainable_count
 
-HEADER_BYTES = 184  # comm.HEADER_BYTES, without importing torch.distributed
 
 
 @dataclass

@@ -111,3 +111,43 @@ def test_star_step_formula_for_sft():
     step = simulate_star_step("sft", [1, 2], 4, _unit_costs(), profile)
     # release: 1/1, 2/0.5 = 4; server: (3*3) + (2*3) = 15; tail: 2/1, 4/0.5 = 8 -> 4 + 15 + 8
     assert step["makespan_s"] == pytest.approx(27.0, rel=1e-6)
+
+
+def test_emulation_delay_arithmetic():
+    from ringada.profiles import DeviceSpec, Profile
+    from ringada.runtime import emulated_slowdown
+
+    assert emulated_slowdown(0.25) == 3.0 and emulated_slowdown(1.0) == 0.0 and emulated_slowdown(4.0) == 0.0
+    with pytest.raises(ValueError, match="speed must be > 0"):
+        emulated_slowdown(0)
+    profile = Profile(server_gflops=1, devices=(DeviceSpec("a", 25, 1),), uplink_mbps=80, downlink_mbps=8,
+                      latency_ms=5, reference_gflops=50)
+    assert profile.speed(25) == 0.5
+    assert profile.link_seconds(1_000_000) == pytest.approx(0.005 + 8e6 / 80e6)
+    assert profile.link_seconds(1_000_000, 8) == pytest.approx(0.005 + 1.0)
+
+
+def test_memory_budgets_are_checked_against_the_partition(tmp_path, tiny_dirs):
+    from ringada.partition import estimate_memory
+    from ringada.runtime import make_topology
+
+    sets = [f"model.path={tiny_dirs['llama']}", "pipeline.mode=ring", "data.seq_len=16", "data.batch_size=4",
+            "data.micro_batches=2", "pipeline.partition=[1, 1, 1, 1]"]
+    need = estimate_memory(load(None, sets), [1, 1, 1, 1])
+    assert need[0] > need[1] == need[2] == need[3] > 0  # the initiator adds the embedding and head
+    roomy = _profile(tmp_path, [1, 1, 1, 1])
+    assert make_topology(load(None, [*sets, f"pipeline.profile={roomy}"]), 0, 4).partition == [1, 1, 1, 1]
+    tight = _profile(tmp_path, [1, need[1] / 2 / 2**20, 1, 1])
+    with pytest.raises(ConfigError, match=r"rank 1 \(device2\) would need ~0 MiB for 1 blocks but its budget"):
+        make_topology(load(None, [*sets, f"pipeline.profile={tight}"]), 0, 4)
+
+
+def test_emulated_ring_learns_exactly_what_the_plain_ring_learns(pool2, tmp_path, tiny_dirs, token_jsonl):
+    """Emulation only stretches time: the adapters equal the reference's."""
+    from tests.test_ring import _cfg, _check_against_reference
+
+    raw = _cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, partition=[2, 2], micro=2, steps=3)
+    raw["pipeline"].update({"profile": _profile(tmp_path, [100, 100], gflops=(50, 25)), "emulate": True})
+    pool2.run(raw)
+    summary, _, _ = _check_against_reference(raw, tiny_dirs["llama"], token_jsonl)
+    assert summary["ranks"][1]["fwd_s"] > 0
