@@ -57,7 +57,8 @@ def system_settings(system: str, num_blocks: int, world: int) -> tuple[str, dict
     top = max(1, round(num_blocks * 0.25))  # ring-earlystop trains the top 25% of blocks
     earlystop = {"unfreeze.initial": top, "unfreeze.every": 1_000_000}
     if system == "single":
-        return "ringada", {"pipeline.mode": "single", **earlystop}, 1
+        # one process may use every core of the machine, as the distributed systems do together
+        return "ringada", {"pipeline.mode": "single", "run.threads": os.cpu_count() or 1, **earlystop}, 1
     if system == "ring-earlystop":
         return "ringada", {"pipeline.mode": "ring", **earlystop}, world
     if system == "ring-full":
@@ -128,6 +129,8 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, time
         merged = dict(rs[0])
         for key in ("tokens_per_s", "step_s", "peak_rss_bytes", "bytes_sent"):
             merged[key] = statistics.median(r[key] for r in rs)
+        merged["predicted_step_s"] = predicted_step(system, settings, world, num_blocks)
+        merged["measured_over_predicted"] = merged["step_s"] / merged["predicted_step_s"]
         results.append(merged)
     base = next((r for r in results if r["system"] == "tdp-1f1b"), None)
     for r in results:
@@ -140,13 +143,41 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, time
     return bench
 
 
+def predicted_step(system: str, settings: dict, world: int, num_blocks: int) -> float:
+    """The time model: the system's plan (its partition, schedule and trainable set) through the simulator with
+    per-block costs measured once at one thread, assuming one core per rank. tdp backpropagates through every
+    stage (no early stop), so its plan has the frontier at block 0."""
+    import torch
+
+    from . import config as config_mod
+    from .costs import block_costs
+    from .runtime import make_topology
+    from .sim import simulate_pipeline
+
+    _, extra, procs = system_settings(system, num_blocks, world)
+    sets = {**settings, **extra, "pipeline.schedule": "gpipe" if system == "tdp-gpipe" else "1f1b"}
+    if system.startswith("tdp-"):
+        sets.update({"unfreeze.initial": num_blocks, "unfreeze.every": 1_000_000})
+    cfg = config_mod.load(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = -(-cfg.data.batch_size // cfg.data.micro_batches)
+        costs = block_costs(cfg, rows)
+    finally:
+        torch.set_num_threads(threads)
+    partition = make_topology(cfg, 0, procs).partition
+    return simulate_pipeline(cfg, partition, costs)["step_s"]
+
+
 def markdown_table(bench: dict) -> str:
-    lines = ["| system | tokens/s | × tdp-1f1b | step s | peak RSS MiB (max rank) | bytes sent MB | eval loss |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| system | tokens/s | × tdp-1f1b | step s | predicted step s | measured / predicted | "
+             "peak RSS MiB (max rank) | bytes sent MB | eval loss |", "|---|---|---|---|---|---|---|---|---|"]
     for r in bench["results"]:
         ratio = f"{r['tokens_per_s_vs_tdp_1f1b']:.2f}" if r["tokens_per_s_vs_tdp_1f1b"] else "-"
         ev = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
         lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {ratio} | {r['step_s']:.2f} | "
+                     f"{r['predicted_step_s']:.2f} | {r['measured_over_predicted']:.2f} | "
                      f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['bytes_sent'] / 1e6:.1f} | {ev} |")
     return "\n".join(lines) + "\n"
 

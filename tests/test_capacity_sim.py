@@ -151,3 +151,17 @@ def test_emulated_ring_learns_exactly_what_the_plain_ring_learns(pool2, tmp_path
     pool2.run(raw)
     summary, _, _ = _check_against_reference(raw, tiny_dirs["llama"], token_jsonl)
     assert summary["ranks"][1]["fwd_s"] > 0
+
+
+def test_bench_systems_share_settings_and_differ_only_where_named():
+    from ringada.bench import RING_SYSTEMS, markdown_table, system_settings
+
+    settings = {name: system_settings(name, 30, 4) for name in RING_SYSTEMS}
+    assert settings["ring-earlystop"][1]["unfreeze.initial"] == 8  # top 25% of 30 blocks (rounded)
+    assert "unfreeze.initial" not in settings["ring-full"][1]
+    assert settings["single"][2] == 1 and all(settings[s][2] == 4 for s in RING_SYSTEMS if s != "single")
+    assert settings["tdp-1f1b"][0] == "ringada.baselines.tdp" and settings["line"][1]["pipeline.mode"] == "line"
+    row = {"system": "x", "tokens_per_s": 10.0, "tokens_per_s_vs_tdp_1f1b": 1.5, "step_s": 2.0,
+           "predicted_step_s": 1.0, "measured_over_predicted": 2.0, "peak_rss_bytes": 2**30, "bytes_sent": 3e6,
+           "eval_loss": None}
+    assert "| x | 10.0 | 1.50 | 2.00 | 1.00 | 2.00 | 1024 | 3.0 | - |" in markdown_table({"results": [row]})
