@@ -1,0 +1,40 @@
+"""Write a bench run into README.md's results section (between the bench markers), so the numbers there always
+come from a real `ringada bench` run, with its command and machine.
+
+    .venv/bin/python scripts/readme_results.py out/bench-ring/bench.json "ringada bench --suite ring --repeats 2"
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ringada.bench import markdown_table  # noqa: E402
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def main(bench_path: str, command: str) -> int:
+    bench = json.loads(Path(bench_path).read_text())
+    machine = bench["machine"]
+    body = (f"Command: `{command}` ({bench['repeats']} rounds, median), {bench['world_size']} ranks, "
+            f"settings {json.dumps(bench['settings'])}. Machine: {machine['cpus']} CPU cores "
+            f"({platform.processor() or platform.machine()}), Python {machine['python']}, no GPU; all ranks share "
+            "those cores, one thread each.\n\n" + markdown_table(bench))
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md lacks the {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{body}{END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))
