@@ -67,12 +67,25 @@ def system_settings(system: str, num_blocks: int, world: int) -> tuple[str, dict
         return "ringada", {"pipeline.mode": "line", **earlystop}, world
     if system.startswith("tdp-"):
         return "ringada.baselines.tdp", {"pipeline.mode": "line", **earlystop}, world
+    if system in STAR_SYSTEMS:
+        # a server and `world` devices of increasing depth (about 1/15 .. 4/15 of the model each)
+        depths = [max(1, round(num_blocks * (i + 1) / 15)) for i in range(world)]
+        star = {"pipeline.mode": "sft" if system.startswith("sft") else "sfl", "star.device_blocks": depths,
+                "star.rounds": 2, "data.micro_batches": 1}
+        if system == "sft-compressed":
+            star.update({"compress.topk": 0.1, "compress.bits": 4, "compress.lossless": "zlib"})
+        if system == "sfl-copy-per-device":
+            star["star.server_copies"] = True
+        return "ringada", star, world + 1
     raise ValueError(f"unknown system {system!r}")
 
 
 def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: int, timeout: float) -> dict:
     module, extra, procs = system_settings(system, num_blocks, world)
     sets = {**settings, **extra, "run.out_dir": str(out), "pipeline.schedule": "1f1b"}
+    if "star.rounds" in sets:
+        sets["star.local_steps"] = max(1, sets["run.steps"] // sets["star.rounds"])
+        sets["run.steps"] = sets["star.rounds"] * sets["star.local_steps"]
     if system == "tdp-gpipe":
         sets["pipeline.schedule"] = "gpipe"
     args = [x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]
@@ -101,7 +114,15 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
         hidden = parameter_counts(sets["model.path"])["hidden"]
         bytes_sent = (summary["steps"] * 2 * (procs - 1) * sets["data.batch_size"] * sets["data.seq_len"]
                       * hidden * 4)
-    return {"system": system, "tokens_per_s": summary["tokens_per_s"],
+    star = {}
+    if "server" in summary:
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        chosen = [m["predicted_makespan_s"] for m in metrics if "predicted_makespan_s" in m]
+        fifo = [m["fifo_makespan_s"] for m in metrics if "fifo_makespan_s" in m]
+        star = {"server_held_bytes": summary["server"]["held_bytes"],
+                "server_copy_per_device_bytes": summary["server"]["copy_per_device_bytes"],
+                "makespan_vs_fifo": sum(chosen) / sum(fifo) if chosen and sum(fifo) else None}
+    return {"system": system, **star, "tokens_per_s": summary["tokens_per_s"],
             "step_s": summary.get("train_s", summary["wall_s"]) / summary["steps"],
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
             "bytes_sent": bytes_sent, "eval_loss": summary.get("eval_loss"),
@@ -114,9 +135,7 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, time
     out.mkdir(parents=True, exist_ok=True)
     settings = base_settings(smoke, out / "data")
     num_blocks = num_blocks_of(settings["model.path"])
-    if suite != "ring":
-        raise ValueError(f"--suite {suite}: only the ring suite is implemented in this version (use --suite ring)")
-    systems = RING_SYSTEMS
+    systems = {"ring": RING_SYSTEMS, "star": STAR_SYSTEMS, "all": RING_SYSTEMS + STAR_SYSTEMS}[suite]
     runs: dict[str, list[dict]] = {s: [] for s in systems}
     for rep in range(repeats):
         order = systems[rep % len(systems):] + systems[:rep % len(systems)]  # rotate to spread drift
@@ -129,8 +148,11 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, time
         merged = dict(rs[0])
         for key in ("tokens_per_s", "step_s", "peak_rss_bytes", "bytes_sent"):
             merged[key] = statistics.median(r[key] for r in rs)
-        merged["predicted_step_s"] = predicted_step(system, settings, world, num_blocks)
-        merged["measured_over_predicted"] = merged["step_s"] / merged["predicted_step_s"]
+        if system in RING_SYSTEMS:
+            merged["predicted_step_s"] = predicted_step(system, settings, world, num_blocks)
+            merged["measured_over_predicted"] = merged["step_s"] / merged["predicted_step_s"]
+        else:  # star steps depend on device profiles; `ringada simulate` predicts them from one
+            merged["predicted_step_s"] = merged["measured_over_predicted"] = None
         results.append(merged)
     base = next((r for r in results if r["system"] == "tdp-1f1b"), None)
     for r in results:
@@ -176,9 +198,18 @@ def markdown_table(bench: dict) -> str:
     for r in bench["results"]:
         ratio = f"{r['tokens_per_s_vs_tdp_1f1b']:.2f}" if r["tokens_per_s_vs_tdp_1f1b"] else "-"
         ev = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
-        lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {ratio} | {r['step_s']:.2f} | "
-                     f"{r['predicted_step_s']:.2f} | {r['measured_over_predicted']:.2f} | "
+        pred = f"{r['predicted_step_s']:.2f}" if r.get("predicted_step_s") else "-"
+        over = f"{r['measured_over_predicted']:.2f}" if r.get("measured_over_predicted") else "-"
+        lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {ratio} | {r['step_s']:.2f} | {pred} | {over} | "
                      f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['bytes_sent'] / 1e6:.1f} | {ev} |")
+    star = [r for r in bench["results"] if "server_held_bytes" in r]
+    if star:
+        lines += ["", "| system | server holds MiB | one copy per device would hold MiB | makespan / FIFO |",
+                  "|---|---|---|---|"]
+        for r in star:
+            ms = f"{r['makespan_vs_fifo']:.3f}" if r["makespan_vs_fifo"] else "-"
+            lines.append(f"| {r['system']} | {r['server_held_bytes'] / 2**20:.1f} | "
+                         f"{r['server_copy_per_device_bytes'] / 2**20:.1f} | {ms} |")
     return "\n".join(lines) + "\n"
 
 

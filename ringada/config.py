@@ -161,6 +161,9 @@ class StarConfig:
     """Mean dwell time in seconds (mobility exponential/uniform)."""
     ucb_c: float = 1.0
     """selection=ucb: exploration weight."""
+    server_copies: bool = False
+    """sfl baseline: the server keeps a separate copy of its blocks per device (what memory-efficient SFL
+    avoids), to measure the memory it saves."""
     allocate: bool = False
     """sft: choose each device's depth and compression keep ratio (and the uplink split) from star.profile with
     scipy.optimize, minimizing the modelled round delay; overrides device_blocks and compress.topk."""
@@ -425,6 +428,9 @@ def validate(cfg: Config) -> None:
                                      "the parallel sft round (use mode sft)")
         _require(star.profile is not None, "star.profile: got null; star.allocate needs a device profile, e.g. "
                                            "configs/profiles/edge4.yaml")
+    if star.server_copies:
+        _require(pipe.mode == "sfl", f"star.server_copies: got true with pipeline.mode={pipe.mode!r}; the "
+                                     "copy-per-device baseline is an sfl server (use mode sfl)")
     if star.mobility != "none":
         _require(star.dwell_mean > 0, f"star.dwell_mean: got {star.dwell_mean}; star.mobility={star.mobility} "
                                       "needs a mean dwell time > 0 seconds")

@@ -279,15 +279,29 @@ class Server:
         L = topo.num_blocks
         low = min(topo.depths)
         self.model_dir = str(resolve_model_dir(cfg.model.path))
-        self.cut = load_model(cfg.model.path, cfg.model.task, cfg.model.num_labels, blocks=(low, L), embed=False,
-                              head=not self.privacy, seed=cfg.run.seed)
         if self.sft:
             sets = {"shared": (low, L)}
         else:
             sets = {f"dev{u}": (topo.depth(u), L) for u in topo.devices}
-        self.peft_model, self.sets = add_lora_sets(self.cut, cfg.adapter, cfg.run.seed, sets, self.model_dir)
+
+        def base(lo: int):
+            return load_model(cfg.model.path, cfg.model.task, cfg.model.num_labels, blocks=(lo, L), embed=False,
+                              head=not self.privacy, seed=cfg.run.seed)
+
+        # name -> (cut model, peft model) serving that LoRA set: one shared frozen base, or (star.server_copies,
+        # the baseline memory-efficient SFL improves on) a separate base copy per device
+        self.models, self.sets = {}, {}
+        if cfg.star.server_copies:
+            for name, (lo, hi) in sets.items():
+                cut = base(lo)
+                peft_model, adapters = add_lora_sets(cut, cfg.adapter, cfg.run.seed, {name: (lo, hi)}, self.model_dir)
+                self.models[name], self.sets[name] = (cut, peft_model), adapters[name]
+        else:
+            cut = base(low)
+            peft_model, self.sets = add_lora_sets(cut, cfg.adapter, cfg.run.seed, sets, self.model_dir)
+            self.models = {name: (cut, peft_model) for name in sets}
         self.optimizers = {name: make_optimizer(cfg, a) for name, a in self.sets.items()}
-        self.config_json = lora_config(cfg.adapter, self.cut, self.model_dir).to_dict()
+        self.config_json = lora_config(cfg.adapter, cut, self.model_dir).to_dict()
         self.profile = ServerProfile()
         self.mobility = Mobility(cfg.star.mobility, cfg.star.dwell_mean)
         self.selector = Selector(cfg.star.selection, cfg.star.devices_per_round, seed=cfg.run.seed, c=cfg.star.ucb_c)
@@ -299,11 +313,18 @@ class Server:
     def set_name(self, device: int) -> str:
         return "shared" if self.sft else f"dev{device}"
 
+    def cut_for(self, device: int):
+        return self.models[self.set_name(device)][0]
+
+    def activate(self, device: int) -> None:
+        self.models[self.set_name(device)][1].set_adapter(self.set_name(device))
+
     # -- one device through the server part (sfl), or the joint batch (sft)
     def _upper(self, devices: list[int], hiddens: list[torch.Tensor], masks: list, train: bool, step: int) -> list:
         """The server's blocks for several devices as one batch: a device's rows join the batch at its cut
         (its depth) and leave it at the top. Returns each device's top hidden state."""
         t0 = time.perf_counter()
+        cut = self.cut_for(devices[0])
         joined, mask, members = None, None, []
         for b in range(min(self.topo.depth(u) for u in devices), self.topo.num_blocks):
             joining = [i for i, u in enumerate(devices) if self.topo.depth(u) == b]
@@ -313,8 +334,8 @@ class Server:
                 if masks[0] is not None:
                     mask = torch.cat(([mask] if mask is not None else []) + [masks[i] for i in joining])
                 with torch.no_grad():
-                    ctx = self.cut.context(joined, mask)
-            joined = run_blocks(self.cut, b, b + 1, joined, ctx, frontier=0, grad=train, training=train,
+                    ctx = cut.context(joined, mask)
+            joined = run_blocks(cut, b, b + 1, joined, ctx, frontier=0, grad=train, training=train,
                                 seed=self.cfg.run.seed, step=step, dropout=self.cfg.adapter.dropout > 0)
         pieces = torch.split(joined, [hiddens[i].shape[0] for i in members])
         tops = [None] * len(devices)
@@ -335,7 +356,7 @@ class Server:
         """One device's step on its own server set; returns (loss sum, server seconds, counted targets)."""
         hidden, mask, labels, (fwd_s, bwd_s) = self._receive(device, step, train=True)
         t0 = time.perf_counter()
-        self.peft_model.set_adapter(self.set_name(device))
+        self.activate(device)
         tops = self._upper([device], [hidden], [mask], train=True, step=step)
         loss_value, count = self._loss_and_backward([device], [hidden], tops, [mask], [labels], step)
         self.wire.send(device, GRAD, step, hidden.grad)
@@ -390,7 +411,7 @@ class Server:
             weights = [c / total for c in counts] if self.sft else [1.0] * len(devices)
             losses = []
             for top, mask, lab, c in zip(tops, masks, labels, counts):
-                losses.append(loss_sum(self.cut.head(top, mask), lab))
+                losses.append(loss_sum(self.cut_for(devices[0]).head(top, mask), lab))
             loss_value = float(sum(l.detach() for l in losses))
             for u, l, c in zip(devices, losses, counts):
                 self.device_loss[u] = float(l.detach()) / max(c, 1)
@@ -408,7 +429,7 @@ class Server:
         """Forward-only through device 1 and device 1's (global, after aggregation) server set."""
         self.wire.wire.send(1, CONTROL, -97, 0, [torch.tensor([EVAL, 0, 0])])
         loss, count, correct = 0.0, 0, 0
-        self.peft_model.set_adapter(self.set_name(1))
+        self.activate(1)
         for j in range(self.n_eval):
             step = -1 - j
             hidden, mask, labels, _ = self._receive(1, step, train=False)
@@ -416,7 +437,7 @@ class Server:
             if self.privacy:
                 self.wire.send(1, TOP, step, top)
             else:
-                logits = self.cut.head(top, mask)
+                logits = self.cut_for(1).head(top, mask)
                 loss += float(loss_sum(logits, labels))
                 count += Batch(labels, labels).count()
                 correct += correct_count(logits, labels)
@@ -446,8 +467,11 @@ class Server:
 
     def memory_report(self) -> dict:
         """What the server holds, and what one server-side model copy per device would hold instead."""
-        base = {n: p for n, p in self.cut.model.named_parameters() if "lora_" not in n and "modules_to_save" not in n}
-        base_bytes = sum(p.numel() * p.element_size() for p in base.values())
+        distinct = {id(cut): cut for cut, _ in self.models.values()}.values()
+        bases = [{n: p for n, p in cut.model.named_parameters() if "lora_" not in n and "modules_to_save" not in n}
+                 for cut in distinct]
+        base_bytes = sum(p.numel() * p.element_size() for b in bases for p in b.values())
+        base = max(bases, key=len)  # the copy with the most blocks: every block's size appears in it
         adapter_bytes = sum(a.numel() * 4 for a in self.sets.values())
         optim_bytes = sum(t.numel() * t.element_size() for o in self.optimizers.values() if o is not None
                           for state in o.state.values() for t in state.values() if torch.is_tensor(t))
@@ -456,7 +480,7 @@ class Server:
             m = re.search(r"\.(?:layers|h|layer)\.(\d+)\.", n)
             if m:
                 per_block[int(m.group(1))] = per_block.get(int(m.group(1)), 0) + p.numel() * p.element_size()
-        other = base_bytes - sum(per_block.values())
+        other = sum(p.numel() * p.element_size() for p in base.values()) - sum(per_block.values())
         copies = sum(other + sum(v for b, v in per_block.items() if b >= self.topo.depth(u))
                      for u in self.topo.devices)
         return {"peak_rss_bytes": peak_rss_bytes(), "base_bytes": base_bytes, "adapter_bytes": adapter_bytes,

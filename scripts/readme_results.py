@@ -2,6 +2,7 @@
 come from a real `ringada bench` run, with its command and machine.
 
     .venv/bin/python scripts/readme_results.py out/bench-ring/bench.json "ringada bench --suite ring --repeats 2"
+    .venv/bin/python scripts/readme_results.py out/bench-star/bench.json "ringada bench --suite star" bench-star
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ sys.path.insert(0, str(REPO))
 
 from ringada.bench import markdown_table  # noqa: E402
 
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-
-
-def main(bench_path: str, command: str) -> int:
+def main(bench_path: str, command: str, section: str = "bench") -> int:
+    START, END = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     bench = json.loads(Path(bench_path).read_text())
     machine = bench["machine"]
     body = (f"Command: `{command}` ({bench['repeats']} rounds, median), {bench['world_size']} ranks, "
@@ -37,4 +36,4 @@ def main(bench_path: str, command: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    sys.exit(main(*sys.argv[1:4]))

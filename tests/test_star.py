@@ -71,13 +71,21 @@ def test_label_privacy_learns_the_same_adapters(pool4, tmp_path, tiny_dirs, toke
 
 
 def test_sfl_server_keeps_one_base_and_a_lora_set_per_device(pool4, tmp_path, tiny_dirs, token_jsonl):
-    pool4.run(_cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, devices=[1, 2, 3], rounds=1))
-    server = json.loads(open(tmp_path / "out" / "summary.json").read())["server"]
-    assert server["sets"] == 3
+    """One frozen base with a LoRA set per device learns exactly what a base copy per device learns, in a
+    fraction of the server memory; the copy-per-device figure in the summary is what the copies really hold."""
+    summaries = {}
+    for copies in (False, True):
+        out = tmp_path / f"copies-{copies}"
+        pool4.run(_cfg(out, tiny_dirs["llama"], token_jsonl, devices=[1, 2, 3], rounds=1, server_copies=copies))
+        summaries[copies] = json.loads(open(out / "summary.json").read())
+    assert_adapters_equal(_adapter(tmp_path / "copies-True"), _adapter(tmp_path / "copies-False"))
+    shared, copies = summaries[False]["server"], summaries[True]["server"]
+    assert shared["sets"] == copies["sets"] == 3
     # three copies of the server-side blocks (3, 2 and 1 of them) vs one base holding blocks 1..3
-    assert server["copy_per_device_base_bytes"] > server["base_bytes"]
-    assert server["held_bytes"] < server["copy_per_device_bytes"]
-    metrics = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert shared["copy_per_device_base_bytes"] > shared["base_bytes"]
+    assert copies["base_bytes"] == shared["copy_per_device_base_bytes"] == copies["copy_per_device_base_bytes"]
+    assert shared["held_bytes"] < copies["held_bytes"]
+    metrics = [json.loads(line) for line in open(tmp_path / "copies-False" / "metrics.jsonl")]
     assert all(sorted(m["order"]) == [1, 2, 3] and m["predicted_makespan_s"] >= 0 for m in metrics)
 
 
