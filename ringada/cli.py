@@ -57,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--world", type=int, required=True, help="number of ranks (star: 1 server + devices)")
     sim.add_argument("--steps", type=int, default=None, help="steps to simulate (default run.steps)")
     bench = sub.add_parser("bench", help="run systems side by side and write bench.json, bench.md and plots",
-                           description="Runs ring-earlystop, ring-full, line, tdp-gpipe, tdp-1f1b and single on the "
-                           "same model, data, adapters and steps (SmolLM2 + Shakespeare by default; --smoke: a tiny "
-                           "model), in rotating rounds, and reports tokens/s (also relative to tdp-1f1b), step "
-                           "time, peak RSS, bytes on the wire and eval loss.")
+                           description="Runs systems on the same model, data, adapters and steps (SmolLM2 + "
+                           "Shakespeare by default; --smoke: a tiny model), in rotating rounds, and reports tokens/s "
+                           "(also relative to tdp-1f1b), step time next to the simulator's prediction, peak RSS, "
+                           "bytes on the wire and eval loss. ring: ring-earlystop, ring-full, line, tdp-gpipe, "
+                           "tdp-1f1b, single. star: sfl, sft, sft-compressed, sfl-copy-per-device (with server "
+                           "memory and makespan over FIFO).")
     bench.add_argument("--suite", choices=("ring", "star", "all"), default="ring")
     bench.add_argument("--out", required=True, help="output directory")
     bench.add_argument("--smoke", action="store_true", help="tiny random model and data (seconds, for CI)")
