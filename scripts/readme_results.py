@@ -21,7 +21,9 @@ def main(bench_path: str, command: str, section: str = "bench") -> int:
     START, END = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     bench = json.loads(Path(bench_path).read_text())
     machine = bench["machine"]
-    body = (f"Command: `{command}` ({bench['repeats']} rounds, median), {bench['world_size']} ranks, "
+    who = (f"a server and {bench['world_size']} devices" if bench["suite"] == "star"
+           else f"{bench['world_size']} ranks")
+    body = (f"Command: `{command}` ({bench['repeats']} round(s), median), {who}, "
             f"settings {json.dumps(bench['settings'])}. Machine: {machine['cpus']} CPU cores "
             f"({platform.processor() or platform.machine()}), Python {machine['python']}, no GPU; all ranks share "
             "those cores, one thread each.\n\n" + markdown_table(bench))
