@@ -79,25 +79,16 @@ def block_ranges(partition: list[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def head_cost_in_blocks(config, task: str = "causal_lm", num_labels: int = 0) -> float:
-    """The head's forward + backward work in block units, from parameter counts of a meta-device model: a frozen
-    linear layer costs in proportion to its weights per token. A classifier sees one pooled vector per sequence
-    (negligible); an LM head sees every token. (The embedding lookup is negligible.)"""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def head_cost_in_blocks(path: str, task: str = "causal_lm", num_labels: int = 0) -> float:
+    """The head's forward + backward work in block units, from parameter counts (a frozen linear layer costs in
+    proportion to its weights per token). A classifier sees one pooled vector per sequence (negligible); an LM
+    head sees every token. The embedding lookup is negligible."""
+    from .models import parameter_counts
 
-    with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config)
-        except ValueError:
-            model = AutoModelForSequenceClassification.from_config(config)
-    layers = next(m for name, m in model.named_modules() if name.endswith(("layers", ".h", "encoder.layer")))
-    block_params = sum(p.numel() for p in layers[0].parameters())
     if task == "classification":
         return 0.0
-    head = model.get_output_embeddings()
-    head_params = head.weight.numel() if head is not None else 0
-    return head_params / max(block_params, 1)
+    sizes = parameter_counts(path, task, num_labels)
+    return sizes["head"] / max(sizes["block"], 1)
 
 
 def plan_capacity(cfg, world_size: int) -> tuple[list[int], dict]:
@@ -109,6 +100,7 @@ def plan_capacity(cfg, world_size: int) -> tuple[list[int], dict]:
     the initiator (ring) also holds the embedding and head. The limits are estimates: see docs.
     """
     from .costs import block_costs
+    from .models import num_blocks_of
     from .profiles import load_profile
 
     profile = load_profile(cfg.pipeline.profile)
@@ -131,16 +123,10 @@ def plan_capacity(cfg, world_size: int) -> tuple[list[int], dict]:
     caps = [max(0, int((d.memory_mb * 2**20 - b) // block_mem)) for d, b in zip(profile.devices, base)]
     block_cost = [(costs.block_fwd_s + costs.block_bwd_s) / s for s in speeds]
     minimum = [0 if (ring and r == 0) else 1 for r in range(world_size)]
-    partition = capacity_partition(cfg_num_blocks(cfg), block_cost, extra, caps, minimum)
+    partition = capacity_partition(num_blocks_of(cfg.model.path), block_cost, extra, caps, minimum)
     details = {"max_blocks": caps, "stage_s": stage_times(partition, block_cost, extra), "speeds": speeds,
                "block_cost_s": block_cost, "extra_cost_s": extra}
     return partition, details
-
-
-def cfg_num_blocks(cfg) -> int:
-    from .models import num_blocks_of
-
-    return num_blocks_of(cfg.model.path)
 
 
 def estimate_memory(cfg, partition: list[int]) -> list[float]:

@@ -28,7 +28,7 @@ from .adapters import add_adapters, check_target_modules, save_adapters
 from .comm import ACT, ADAPTERS, GRAD, KIND_NAMES, LABELS, Counters, Wire, pack_state, unpack_state
 from .config import Config, ConfigError
 from .data import Batch
-from .models import load_model, read_config, resolve_model_dir
+from .models import load_model, num_blocks_of, read_config, resolve_model_dir
 from .partition import block_ranges, check_memory, even_partition, head_cost_in_blocks, plan_capacity
 from .train import (RunRecorder, Unfreezer, clip_coefficient, correct_count, eval_record, input_tokens,
                     load_run_data, loss_sum, make_optimizer, peak_rss_bytes, progress, run_blocks)
@@ -89,27 +89,25 @@ def make_topology(cfg: Config, rank: int, world_size: int, partition: list[int] 
     if mode in ("ring", "line") and world_size < 2:
         raise ConfigError(f"pipeline.mode: got {mode!r} with WORLD_SIZE={world_size}; run it under torchrun with "
                           f">= 2 ranks (torchrun --nproc-per-node 4 -m ringada train ...), or use mode single")
-    model_config = read_config(cfg.model.path)
-    num_blocks = int(getattr(model_config, "num_hidden_layers", getattr(model_config, "n_layer", 0)))
+    num_blocks = num_blocks_of(cfg.model.path)
     config_mod.check_against_model(cfg, num_blocks, world_size)
     part = cfg.pipeline.partition
-    if partition is not None:
-        pass
-    elif mode == "single":
-        partition = [num_blocks]
-    elif part == "even":
-        partition = even_partition(num_blocks, world_size, mode,
-                                   head_cost_in_blocks(model_config, cfg.model.task, cfg.model.num_labels))
-    elif part == "capacity":
-        try:
-            partition, details = plan_capacity(cfg, world_size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if rank == 0:
-            log.info("capacity partition %s: max blocks per rank %s, stage seconds %s", partition,
-                     details["max_blocks"], [round(t, 3) for t in details["stage_s"]])
-    else:
-        partition = list(part)
+    if partition is None:
+        if mode == "single":
+            partition = [num_blocks]
+        elif part == "even":
+            partition = even_partition(num_blocks, world_size, mode,
+                                       head_cost_in_blocks(cfg.model.path, cfg.model.task, cfg.model.num_labels))
+        elif part == "capacity":
+            try:
+                partition, details = plan_capacity(cfg, world_size)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if rank == 0:
+                log.info("capacity partition %s: max blocks per rank %s, stage seconds %s", partition,
+                         details["max_blocks"], [round(t, 3) for t in details["stage_s"]])
+        else:
+            partition = list(part)
     if cfg.pipeline.profile and part != "capacity" and mode != "single":
         try:
             check_memory(cfg, partition)

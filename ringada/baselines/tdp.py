@@ -25,6 +25,7 @@ from ..adapters import add_adapters
 from ..cli import setup_logging
 from ..runtime import gather_rank_rows, make_topology, world_from_env
 from ..comm import Counters
+from ..data import Batch
 from ..train import input_tokens, load_run_data, loss_sum, make_optimizer, trainable_count
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         M = cfg.data.micro_batches
 
         def loss_fn(logits, target):
-            return loss_sum(logits, target) / Batch_count(target)
+            return loss_sum(logits, target) / Batch(target, target).count()
 
         stage = PipelineStage(StageModule(cut, lo, hi), rank, world, torch.device("cpu"))
         schedule = (ScheduleGPipe if args.schedule == "gpipe" else Schedule1F1B)(stage, M, loss_fn=loss_fn)
@@ -113,12 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist.destroy_process_group()
     return 0
-
-
-def Batch_count(labels: torch.Tensor) -> int:
-    from ..data import Batch
-
-    return Batch(labels, labels).count()
 
 
 if __name__ == "__main__":
