@@ -148,6 +148,7 @@ class SmashedWire:
 class DeviceTimes:
     fwd_s: float = 0.0
     bwd_s: float = 0.0
+    train_cpu_s: float = 0.0  # the process's CPU seconds over training steps
 
 
 class Device:
@@ -198,6 +199,7 @@ class Device:
         return None, stats
 
     def train_step(self, step: int) -> None:
+        cpu0 = time.process_time()
         _, batch = self.shard.batch_at(self.steps_done, self.cfg.data.batch_size, self.cfg.data.shuffle,
                                        self.cfg.run.seed + self.topo.rank)
         self.optimizer.zero_grad(set_to_none=True)
@@ -220,6 +222,7 @@ class Device:
         self.times.bwd_s += self.last_bwd_s
         self.steps_done += 1
         self.wire.wire.flush()  # the server has consumed this step's sends: release their buffers
+        self.times.train_cpu_s += time.process_time() - cpu0
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> None:
@@ -519,7 +522,8 @@ def train_star(cfg: Config, rank: int, world_size: int) -> dict | None:
         device = Device(cfg, topo, wire, data, shard)
         device.run()
         gather_rank_rows(world_size, {"rank": rank, "blocks": [0, device.depth], "fwd_s": device.times.fwd_s,
-                                      "bwd_s": device.times.bwd_s}, wire.wire.counters)
+                                      "bwd_s": device.times.bwd_s, "train_cpu_s": device.times.train_cpu_s},
+                         wire.wire.counters)
         return None
     finally:
         dist.destroy_process_group()
@@ -540,7 +544,7 @@ def _serve(cfg: Config, topo: StarTopology, wire: SmashedWire) -> dict:
     if before:
         log.info("eval before training: %s", _fmt(before))
     start = time.perf_counter()
-    tokens, train_s, loss, rounds_log = 0, 0.0, float("nan"), []
+    tokens, train_s, train_cpu_s, loss, rounds_log = 0, 0.0, 0.0, float("nan"), []
     bar = progress(cfg.run.steps, enabled=True)
     for t in range(star.rounds):
         selected = server.selector.select(t, topo.devices)
@@ -554,7 +558,7 @@ def _serve(cfg: Config, topo: StarTopology, wire: SmashedWire) -> dict:
         for k in range(star.local_steps):
             step = t * star.local_steps + k
             active = [u for u in selected if plan[u] > k]
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             record = {"step": step, "round": t, "devices": active, "trainable_blocks": L, "loss": None}
             if active:
                 if server.sft:
@@ -577,6 +581,7 @@ def _serve(cfg: Config, topo: StarTopology, wire: SmashedWire) -> dict:
                 record.update({"loss": loss, "order": order, "step_s": time.perf_counter() - t0})
                 tokens += len(active) * cfg.data.batch_size * cfg.data.seq_len
             train_s += time.perf_counter() - t0
+            train_cpu_s += time.process_time() - cpu0
             record.update({"tokens": tokens, "elapsed_s": time.perf_counter() - start})
             step_records.append(record)
             bar.update(1)
@@ -630,7 +635,7 @@ def _serve(cfg: Config, topo: StarTopology, wire: SmashedWire) -> dict:
     raw.flush()
     save_adapters(out / "adapter", global_state, server.config_json)
     ranks = gather_rank_rows(topo.world_size, {"rank": 0, "blocks": [min(topo.depths), L], "fwd_s": server.fwd_s,
-                                               "bwd_s": server.bwd_s}, raw.counters)
+                                               "bwd_s": server.bwd_s, "train_cpu_s": train_cpu_s}, raw.counters)
     summary = {
         "mode": cfg.pipeline.mode, "world_size": topo.world_size, "steps": cfg.run.steps, "rounds": star.rounds,
         "final_loss": loss, **({"eval_loss": after["eval_loss"], "eval_before": before, "eval_after": after}

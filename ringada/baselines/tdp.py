@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         stage = PipelineStage(StageModule(cut, lo, hi), rank, world, torch.device("cpu"))
         schedule = (ScheduleGPipe if args.schedule == "gpipe" else Schedule1F1B)(stage, M, loss_fn=loss_fn)
         data = load_run_data(cfg, cut.model.config.vocab_size) if rank in (0, world - 1) else None
-        tokens, start, losses_log = 0, time.perf_counter(), []
+        tokens, start, cpu0, losses_log = 0, time.perf_counter(), time.process_time(), []
         for step in range(cfg.run.steps):
             batch = data.train.batch_at(step, cfg.data.batch_size, cfg.data.shuffle, cfg.run.seed)[1] if data else None
             if optimizer is not None:
@@ -97,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer.step()
             if batch is not None:
                 tokens += input_tokens(batch)
-        wall = time.perf_counter() - start
-        ranks = gather_rank_rows(world, {"rank": rank, "blocks": [lo, hi], "fwd_s": 0.0, "bwd_s": 0.0}, Counters())
+        # a stage without backward finishes its last step before the stages above it: wait for all of them, so
+        # that the time covers every rank's work (a ringada step ends in an all_reduce the same way)
+        dist.barrier()
+        wall, train_cpu = time.perf_counter() - start, time.process_time() - cpu0
+        ranks = gather_rank_rows(world, {"rank": rank, "blocks": [lo, hi], "fwd_s": 0.0, "bwd_s": 0.0,
+                                         "train_cpu_s": train_cpu}, Counters())
         losses_t = torch.tensor(losses_log or [0.0] * cfg.run.steps, dtype=torch.float64)
         if rank != world - 1:
             losses_t.zero_()
