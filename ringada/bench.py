@@ -20,8 +20,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-RING_SYSTEMS = ["ring-earlystop", "ring-full", "line", "tdp-gpipe", "tdp-1f1b", "single"]
+RING_SYSTEMS = ["ring-earlystop", "ring-noearlystop", "ring-full", "line", "tdp-gpipe", "tdp-1f1b", "tdp-1f1b-full",
+                "single"]
 STAR_SYSTEMS = ["sfl", "sft", "sft-compressed", "sfl-copy-per-device"]
+EMULATED_SYSTEMS = ["ring-earlystop", "ring-full", "line"]  # what `--profile` runs (ringada's own pipeline)
 
 
 def _free_port() -> int:
@@ -30,7 +32,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def base_settings(smoke: bool, data_dir: Path) -> dict:
+def base_settings(smoke: bool, data_dir: Path, steps: int = 4) -> dict:
     """The shared model, data, adapter and batch settings (smoke: a tiny random model CI can afford)."""
     if smoke:
         from .models import save_tiny
@@ -46,10 +48,23 @@ def base_settings(smoke: bool, data_dir: Path) -> dict:
             tokens.write_text("".join(json.dumps({"input_ids": [rng.randrange(1, 256) for _ in range(64)]}) + "\n"
                                       for _ in range(200)))
         return {"model.path": str(model), "data.train": str(tokens), "data.eval": str(tokens),
-                "data.seq_len": 32, "data.batch_size": 8, "data.micro_batches": 4, "run.steps": 4,
+                "data.seq_len": 32, "data.batch_size": 8, "data.micro_batches": 4, "run.steps": steps,
                 "run.eval_batches": 2, "adapter.r": 4}
     return {"model.path": "smollm2", "data.train": "shakespeare", "data.eval": "shakespeare", "data.seq_len": 128,
-            "data.batch_size": 8, "data.micro_batches": 4, "run.steps": 4, "run.eval_batches": 2, "adapter.r": 8}
+            "data.batch_size": 8, "data.micro_batches": 4, "run.steps": steps, "run.eval_batches": 2,
+            "adapter.r": 8}
+
+
+def trains_all(system: str) -> bool:
+    """Whether the system trains every block (else the top 25%, as ring-earlystop)."""
+    return system in ("ring-full", "tdp-1f1b-full") or system in STAR_SYSTEMS
+
+
+def reference_of(system: str) -> str | None:
+    """The tdp 1F1B run with the same trainable set, which the system's tokens/s is set against."""
+    if system in STAR_SYSTEMS:
+        return None
+    return "tdp-1f1b-full" if trains_all(system) else "tdp-1f1b"
 
 
 def system_settings(system: str, num_blocks: int, world: int) -> tuple[str, dict, int]:
@@ -61,10 +76,14 @@ def system_settings(system: str, num_blocks: int, world: int) -> tuple[str, dict
         return "ringada", {"pipeline.mode": "single", "run.threads": os.cpu_count() or 1, **earlystop}, 1
     if system == "ring-earlystop":
         return "ringada", {"pipeline.mode": "ring", **earlystop}, world
+    if system == "ring-noearlystop":  # the ablation: same trainable set, backward through every block
+        return "ringada", {"pipeline.mode": "ring", "pipeline.early_stop": False, **earlystop}, world
     if system == "ring-full":
         return "ringada", {"pipeline.mode": "ring"}, world
     if system == "line":
         return "ringada", {"pipeline.mode": "line", **earlystop}, world
+    if system == "tdp-1f1b-full":
+        return "ringada.baselines.tdp", {"pipeline.mode": "line"}, world
     if system.startswith("tdp-"):
         return "ringada.baselines.tdp", {"pipeline.mode": "line", **earlystop}, world
     if system in STAR_SYSTEMS:
@@ -80,19 +99,36 @@ def system_settings(system: str, num_blocks: int, world: int) -> tuple[str, dict
     raise ValueError(f"unknown system {system!r}")
 
 
-def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: int, timeout: float) -> dict:
+def resolved_settings(system: str, settings: dict, num_blocks: int, world: int,
+                      profile: str | None = None) -> tuple[str, dict, int]:
+    """(entry module, every --set of the run, processes) of one system; with a ``profile`` the run emulates its
+    devices and links on this machine and partitions by capacity."""
     module, extra, procs = system_settings(system, num_blocks, world)
-    sets = {**settings, **extra, "run.out_dir": str(out), "pipeline.schedule": "1f1b"}
+    sets = {**settings, **extra, "pipeline.schedule": "gpipe" if system == "tdp-gpipe" else "1f1b"}
+    if profile:
+        if system not in EMULATED_SYSTEMS:
+            raise ValueError(f"--profile: {system} cannot be emulated; with a profile the systems are "
+                             f"{', '.join(EMULATED_SYSTEMS)}")
+        sets.update({"pipeline.profile": profile, "pipeline.emulate": True, "pipeline.partition": "capacity"})
     if "star.rounds" in sets:
         sets["star.local_steps"] = max(1, sets["run.steps"] // sets["star.rounds"])
         sets["run.steps"] = sets["star.rounds"] * sets["star.local_steps"]
-    if system == "tdp-gpipe":
-        sets["pipeline.schedule"] = "gpipe"
-    args = [x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]
+    return module, sets, procs
+
+
+def _set_args(sets: dict) -> list[str]:
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()]
+
+
+def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: int, timeout: float,
+               profile: str | None = None) -> dict:
+    module, sets, procs = resolved_settings(system, settings, num_blocks, world, profile)
+    sets["run.out_dir"] = str(out)
+    args = [x for kv in _set_args(sets) for x in ("--set", kv)]
     if module == "ringada":
         args = ["train", *args]
     else:
-        args = ["--schedule", system.split("-")[1], *args]
+        args = ["--schedule", "gpipe" if system == "tdp-gpipe" else "1f1b", *args]
     if procs == 1:
         cmd = [sys.executable, "-m", module, *args]
     else:
@@ -107,14 +143,17 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
     ranks = summary["ranks"]
     bytes_sent = sum(r["bytes_sent"] for r in ranks)
     if system.startswith("tdp-"):
-        # torch.distributed.pipelining keeps no byte counters: its activations and gradients cross each of the
-        # N-1 edges once per micro-batch each way, with shapes known here
+        # torch.distributed.pipelining keeps no byte counters: activations cross each of the N-1 edges once per
+        # row, and a gradient goes back over an edge only when the stage above it takes an input that requires
+        # grad (something below the edge is trainable); shapes are known here
         from .models import parameter_counts
 
         hidden = parameter_counts(sets["model.path"])["hidden"]
-        bytes_sent = (summary["steps"] * 2 * (procs - 1) * sets["data.batch_size"] * sets["data.seq_len"]
+        frontier = num_blocks - sets.get("unfreeze.initial", num_blocks)
+        grad_edges = sum(1 for r in ranks[1:] if r["blocks"][0] > frontier)
+        bytes_sent = (summary["steps"] * (procs - 1 + grad_edges) * sets["data.batch_size"] * sets["data.seq_len"]
                       * hidden * 4)
-    star = {}
+    star: dict = {}
     if "server" in summary:
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         chosen = [m["predicted_makespan_s"] for m in metrics if "predicted_makespan_s" in m]
@@ -122,87 +161,153 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
         star = {"server_held_bytes": summary["server"]["held_bytes"],
                 "server_copy_per_device_bytes": summary["server"]["copy_per_device_bytes"],
                 "makespan_vs_fifo": sum(chosen) / sum(fifo) if chosen and sum(fifo) else None}
-    return {"system": system, **star, "tokens_per_s": summary["tokens_per_s"],
-            "step_s": summary.get("train_s", summary["wall_s"]) / summary["steps"],
+    steps = summary["steps"]
+    cpu = [r.get("train_cpu_s") for r in ranks]
+    return {"system": system, "trainable": "all" if trains_all(system) else "top 25%", **star,
+            "tokens_per_s": summary["tokens_per_s"],
+            "step_s": summary.get("train_s", summary["wall_s"]) / steps,
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
+            "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in ranks],
+            # CPU seconds of all ranks per training step: the work a system does, which bounds its speed when
+            # ranks share cores
+            "train_cpu_s_per_step": sum(cpu) / steps if None not in cpu else None,
             "bytes_sent": bytes_sent, "eval_loss": summary.get("eval_loss"),
-            "final_loss": summary.get("final_loss"), "ranks": len(ranks), "process_s": time.perf_counter() - t0}
+            "final_loss": summary.get("final_loss"), "ranks": len(ranks),
+            "rank_rows": [{k: r.get(k) for k in ("rank", "blocks", "fwd_s", "bwd_s", "wait_s", "train_cpu_s",
+                                                 "peak_rss_bytes", "bytes_sent")} for r in ranks],
+            "process_s": time.perf_counter() - t0}
 
 
-def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, timeout: float = 1800) -> dict:
+def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, steps: int = 4,
+              profile: str | None = None, timeout: float = 1800) -> dict:
+    """Run the suite's systems (with ``profile``: the ring systems ringada can emulate, on those devices and
+    links, next to the simulator's prediction for the same profile) and write bench.json, bench.md and plots."""
     from .models import num_blocks_of
 
+    for name, value, least in (("--repeats", repeats, 1), ("--world", world, 2), ("--steps", steps, 1)):
+        if value < least:
+            raise ValueError(f"{name}: got {value}; expected >= {least}")
+    if profile:
+        from .profiles import load_profile
+
+        if suite != "ring":
+            raise ValueError(f"--profile: got --suite {suite}; emulated profiles apply to the ring suite "
+                             f"({', '.join(EMULATED_SYSTEMS)})")
+        devices = len(load_profile(profile).devices)
+        if devices != world:
+            raise ValueError(f"--profile: {profile} has {devices} devices; expected --world ({world})")
     out.mkdir(parents=True, exist_ok=True)
-    settings = base_settings(smoke, out / "data")
+    settings = base_settings(smoke, out / "data", steps)
     num_blocks = num_blocks_of(settings["model.path"])
     systems = {"ring": RING_SYSTEMS, "star": STAR_SYSTEMS, "all": RING_SYSTEMS + STAR_SYSTEMS}[suite]
+    if profile:
+        systems = EMULATED_SYSTEMS
+    cores = os.cpu_count() or 1
     runs: dict[str, list[dict]] = {s: [] for s in systems}
     for rep in range(repeats):
         order = systems[rep % len(systems):] + systems[:rep % len(systems)]  # rotate to spread drift
         for system in order:
             log.info("bench round %d/%d: %s", rep + 1, repeats, system)
             runs[system].append(run_system(system, settings, out / "runs" / f"{system}-{rep}", world, num_blocks,
-                                           timeout))
+                                           timeout, profile))
     results = []
     for system, rs in runs.items():
         merged = dict(rs[0])
         for key in ("tokens_per_s", "step_s", "peak_rss_bytes", "bytes_sent"):
             merged[key] = statistics.median(r[key] for r in rs)
-        if system in RING_SYSTEMS:
-            merged["predicted_step_s"] = predicted_step(system, settings, world, num_blocks)
-            merged["measured_over_predicted"] = merged["step_s"] / merged["predicted_step_s"]
-        else:  # star steps depend on device profiles; `ringada simulate` predicts them from one
-            merged["predicted_step_s"] = merged["measured_over_predicted"] = None
+        if merged["train_cpu_s_per_step"] is not None:
+            merged["train_cpu_s_per_step"] = statistics.median(r["train_cpu_s_per_step"] for r in rs)
+            merged["cpu_utilization"] = merged["train_cpu_s_per_step"] / (merged["step_s"] * cores)
+        merged["predicted_step_s"], merged["predicted_step_s_core_per_rank"] = (
+            predicted_step(system, settings, world, num_blocks, c, profile) for c in (cores, None))
+        merged["measured_over_predicted"] = merged["step_s"] / merged["predicted_step_s"]
         results.append(merged)
-    base = next((r for r in results if r["system"] == "tdp-1f1b"), None)
+    by_name = {r["system"]: r for r in results}
     for r in results:
+        base, ref = by_name.get("tdp-1f1b"), by_name.get(reference_of(r["system"]) or "")
         r["tokens_per_s_vs_tdp_1f1b"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+        r["vs_tdp_1f1b_same_trainable"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+    errors = [abs(r["measured_over_predicted"] - 1) for r in results]
     bench = {"suite": suite, "smoke": smoke, "repeats": repeats, "world_size": world, "settings": settings,
-             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "results": results}
+             "profile": profile,
+             "machine": {"cpus": cores, "python": sys.version.split()[0]}, "results": results,
+             "simulator_mean_abs_error": sum(errors) / len(errors)}
     (out / "bench.json").write_text(json.dumps(bench, indent=2))
     (out / "bench.md").write_text(markdown_table(bench))
     plot(bench, out)
     return bench
 
 
-def predicted_step(system: str, settings: dict, world: int, num_blocks: int) -> float:
+def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cores: int | None,
+                   profile: str | None = None) -> float:
     """The time model: the system's plan (its partition, schedule and trainable set) through the simulator with
-    per-block costs measured once at one thread, assuming one core per rank. tdp backpropagates through every
-    stage (no early stop), so its plan has the frontier at block 0."""
+    per-block costs measured once on this machine at the system's thread count, its ranks sharing ``cores``
+    (None: a core per rank, as on separate devices of this machine's speed).
+
+    tdp: torch.distributed.pipelining propagates ``requires_grad`` between stages, so autograd already stops at
+    the lowest trainable adapter, as the line plan with the same trainable set does. Star: one step of every
+    device through the server's order, on this machine's speed with no link delay."""
     import torch
 
     from . import config as config_mod
     from .costs import block_costs
-    from .runtime import make_topology
-    from .sim import simulate_pipeline
+    from .sim import simulate_pipeline, simulate_star_step
 
-    _, extra, procs = system_settings(system, num_blocks, world)
-    sets = {**settings, **extra, "pipeline.schedule": "gpipe" if system == "tdp-gpipe" else "1f1b"}
-    if system.startswith("tdp-"):
-        sets.update({"unfreeze.initial": num_blocks, "unfreeze.every": 1_000_000})
-    cfg = config_mod.load(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()])
+    _, sets, procs = resolved_settings(system, settings, num_blocks, world, profile)
+    cfg = config_mod.load(None, _set_args(sets))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(cfg.run.threads or 1)
+    # emulated devices stretch compute by sleeping, which takes no core: they are modelled as separate machines
+    shared = cores if cores and procs > cores and not profile else None
     try:
+        if system in STAR_SYSTEMS:
+            from .profiles import DeviceSpec, Profile
+            from .star import make_star_topology
+
+            topo = make_star_topology(cfg, 0, procs)
+            here = Profile(server_gflops=50.0, devices=tuple(DeviceSpec(f"device{i + 1}", 50.0, float("inf"))
+                                                             for i in range(world)),
+                           uplink_mbps=float("inf"), downlink_mbps=float("inf"), latency_ms=0.0)
+            step = simulate_star_step(cfg.pipeline.mode, topo.depths, topo.num_blocks,
+                                      block_costs(cfg, cfg.data.batch_size), here, cfg.star.schedule,
+                                      cfg.compress.topk, shared)
+            return step["makespan_s"]
+        from .profiles import load_profile
+        from .runtime import make_topology
+
         rows = -(-cfg.data.batch_size // cfg.data.micro_batches)
-        costs = block_costs(cfg, rows)
+        partition = make_topology(cfg, 0, procs).partition
+        return simulate_pipeline(cfg, partition, block_costs(cfg, rows), load_profile(profile) if profile else None,
+                                 cores=shared)["step_s"]
     finally:
         torch.set_num_threads(threads)
-    partition = make_topology(cfg, 0, procs).partition
-    return simulate_pipeline(cfg, partition, costs)["step_s"]
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def markdown_table(bench: dict) -> str:
-    lines = ["| system | tokens/s | × tdp-1f1b | step s | predicted step s | measured / predicted | "
-             "peak RSS MiB (max rank) | bytes sent MB | eval loss |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in bench["results"]:
-        ratio = f"{r['tokens_per_s_vs_tdp_1f1b']:.2f}" if r["tokens_per_s_vs_tdp_1f1b"] else "-"
-        ev = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
-        pred = f"{r['predicted_step_s']:.2f}" if r.get("predicted_step_s") else "-"
-        over = f"{r['measured_over_predicted']:.2f}" if r.get("measured_over_predicted") else "-"
-        lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {ratio} | {r['step_s']:.2f} | {pred} | {over} | "
-                     f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['bytes_sent'] / 1e6:.1f} | {ev} |")
-    star = [r for r in bench["results"] if "server_held_bytes" in r]
+    """The comparison table (ratios against tdp 1F1B with the same trainable set, from the same invocation), the
+    time model beside the measurements, and for star systems the server's memory and ordering."""
+    results = bench["results"]
+    lines = ["| system | trains | tokens/s | × tdp-1f1b, same trainable | step s | peak RSS MiB per rank | "
+             "bytes sent MB | eval loss |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rss = " / ".join(f"{b / 2**20:.0f}" for b in r.get("peak_rss_bytes_per_rank", [r["peak_rss_bytes"]]))
+        lines.append(f"| {r['system']} | {r.get('trainable', '-')} | {r['tokens_per_s']:.1f} | "
+                     f"{_num(r.get('vs_tdp_1f1b_same_trainable'), '.2f')} | {r['step_s']:.2f} | {rss} | "
+                     f"{r['bytes_sent'] / 1e6:.1f} | {_num(r['eval_loss'], '.4f')} |")
+    cores = bench.get("machine", {}).get("cpus", "all")
+    lines += ["", f"| system | step s | predicted step s ({cores} shared cores) | measured / predicted | "
+              "predicted step s, a core per rank | CPU s per step (all ranks) | CPU busy |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['system']} | {r['step_s']:.2f} | {_num(r.get('predicted_step_s'), '.2f')} | "
+                     f"{_num(r.get('measured_over_predicted'), '.2f')} | "
+                     f"{_num(r.get('predicted_step_s_core_per_rank'), '.2f')} | "
+                     f"{_num(r.get('train_cpu_s_per_step'), '.2f')} | {_num(r.get('cpu_utilization'), '.0%')} |")
+    star = [r for r in results if "server_held_bytes" in r]
     if star:
         lines += ["", "| system | server holds MiB | one copy per device would hold MiB | makespan / FIFO |",
                   "|---|---|---|---|"]

@@ -56,18 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sim)
     sim.add_argument("--world", type=int, required=True, help="number of ranks (star: 1 server + devices)")
     sim.add_argument("--steps", type=int, default=None, help="steps to simulate (default run.steps)")
+    sim.add_argument("--cores", type=int, default=None,
+                     help="the ranks share this many cores of one box, so a step takes at least its total compute "
+                     "/ cores (default: a core per rank)")
     bench = sub.add_parser("bench", help="run systems side by side and write bench.json, bench.md and plots",
                            description="Runs systems on the same model, data, adapters and steps (SmolLM2 + "
                            "Shakespeare by default; --smoke: a tiny model), in rotating rounds, and reports tokens/s "
-                           "(also relative to tdp-1f1b), step time next to the simulator's prediction, peak RSS, "
-                           "bytes on the wire and eval loss. ring: ring-earlystop, ring-full, line, tdp-gpipe, "
-                           "tdp-1f1b, single. star: sfl, sft, sft-compressed, sfl-copy-per-device (with server "
+                           "(also relative to tdp-1f1b with the same trainable set), step time next to the simulator's "
+                           "prediction, CPU seconds per step, peak RSS per rank, bytes on the wire and eval loss. "
+                           "ring: ring-earlystop, ring-full, line, tdp-gpipe, tdp-1f1b, tdp-1f1b-full, single. star: sfl, sft, sft-compressed, sfl-copy-per-device (with server "
                            "memory and makespan over FIFO).")
     bench.add_argument("--suite", choices=("ring", "star", "all"), default="ring")
     bench.add_argument("--out", required=True, help="output directory")
     bench.add_argument("--smoke", action="store_true", help="tiny random model and data (seconds, for CI)")
     bench.add_argument("--repeats", type=int, default=1, help="rounds over all systems (median is reported)")
     bench.add_argument("--world", type=int, default=4, help="ranks of the distributed systems")
+    bench.add_argument("--steps", type=int, default=4,
+                       help="optimizer steps per system run (star: rounded to 2 rounds of local steps)")
+    bench.add_argument("--profile", default=None,
+                       help="emulate this device/link profile (e.g. configs/profiles/ring4.yaml) in ring-earlystop, "
+                       "ring-full and line, partitioned by capacity, next to the simulator's prediction for it")
     return parser
 
 
@@ -81,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import markdown_table, run_bench
 
         try:
-            bench = run_bench(args.suite, Path(args.out), args.smoke, args.repeats, args.world)
+            bench = run_bench(args.suite, Path(args.out), args.smoke, args.repeats, args.world, args.steps,
+                              args.profile)
         except (ValueError, RuntimeError) as e:
             print(f"ringada: bench error: {e}", file=sys.stderr)
             return 2
@@ -142,6 +151,8 @@ def _simulate(cfg, args) -> int:
     from .sim import simulate_pipeline, simulate_star_step
 
     try:
+        if args.cores is not None and args.cores < 1:
+            raise ValueError(f"--cores: got {args.cores}; expected >= 1")
         if cfg.pipeline.mode in ("sfl", "sft"):
             from .star import make_star_topology
 
@@ -152,7 +163,7 @@ def _simulate(cfg, args) -> int:
             profile = load_profile(cfg.star.profile)
             costs = block_costs(cfg, cfg.data.batch_size)
             step = simulate_star_step(cfg.pipeline.mode, topo.depths, topo.num_blocks, costs, profile,
-                                      cfg.star.schedule, cfg.compress.topk)
+                                      cfg.star.schedule, cfg.compress.topk, args.cores)
             result = {"mode": cfg.pipeline.mode, "world_size": args.world, "simulated": True,
                       "steps": cfg.run.steps, "step": step,
                       "wall_s": step["makespan_s"] * cfg.run.steps,
@@ -164,7 +175,8 @@ def _simulate(cfg, args) -> int:
             topo = make_topology(cfg, 0, args.world)
             profile = load_profile(cfg.pipeline.profile) if cfg.pipeline.profile else None
             rows = -(-cfg.data.batch_size // cfg.data.micro_batches)
-            result = simulate_pipeline(cfg, topo.partition, block_costs(cfg, rows), profile, args.steps)
+            result = simulate_pipeline(cfg, topo.partition, block_costs(cfg, rows), profile, args.steps,
+                                       args.cores)
     except (config_mod.ConfigError, ValueError) as e:
         print(f"ringada: config error: {e}", file=sys.stderr)
         return 2

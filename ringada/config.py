@@ -111,6 +111,10 @@ class PipelineConfig:
     profile: str | None = None
     """Profile YAML (configs/profiles/) of the ranks: speed and memory budget per rank, link bandwidth/latency.
     With a profile, each rank's estimated memory is checked against its budget before training starts."""
+    early_stop: bool = True
+    """Stop backpropagation at the lowest trainable adapter (ranks below it run forward only). false: backward
+    through every block down to the embedding output, frozen ones included, as a pipeline that does not stop
+    would; the same adapters are learned. The ablation that shows what early stop saves."""
     emulate: bool = False
     """Emulate the profile on this machine: each rank's compute is stretched to its speed (a sleep of
     (1/speed - 1) x the measured time; speeds above this machine's count as 1) and every message is held for the
@@ -405,6 +409,9 @@ def validate(cfg: Config) -> None:
                                            "configs/profiles/ring4.yaml")
         _require(pipe.mode in ("ring", "line"), f"pipeline.emulate: got true with pipeline.mode={pipe.mode!r}; "
                                                 "emulation covers ring and line runs")
+    if not pipe.early_stop:
+        _require(pipe.mode in ("single", "ring", "line"), f"pipeline.early_stop: got false with pipeline.mode="
+                                                          f"{pipe.mode!r}; it applies to single, ring and line")
     if pipe.partition == "capacity":
         _require(pipe.profile is not None, "pipeline.profile: got null; pipeline.partition=capacity needs the "
                                            "ranks' speeds and memory budgets, e.g. configs/profiles/ring4.yaml")

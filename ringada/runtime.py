@@ -122,9 +122,13 @@ def make_topology(cfg: Config, rank: int, world_size: int, partition: list[int] 
 
 @dataclass
 class RankTimers:
+    """Training only (eval is not counted): wall seconds in forward and backward compute and in the optimizer
+    step, and the process's CPU seconds (all threads) over whole training steps."""
+
     fwd_s: float = 0.0
     bwd_s: float = 0.0
     step_s: float = 0.0
+    train_cpu_s: float = 0.0
 
 
 @dataclass
@@ -162,10 +166,14 @@ class PipelineRuntime:
 
     # -- plans
     def plan(self, micro_batches: int, frontier: int, train: bool) -> sched.Plan:
+        """The schedule of one global batch; its frontier is where backward stops (the block frontier, or 0
+        with pipeline.early_stop false)."""
         if not train:
             frontier, head_trainable = self.num_blocks, False
         else:
             head_trainable = self.head_trainable
+            if not self.cfg.pipeline.early_stop:
+                frontier = 0
         key = (micro_batches, frontier, head_trainable)
         if key not in self._plans:
             self._plans[key] = sched.build_schedule(self.topo.plan_mode, self.topo.partition, micro_batches,
@@ -217,7 +225,8 @@ class PipelineRuntime:
                     stats.loss += stats_mb[0]
                     stats.correct += stats_mb[1]
                     self._emulate(t0)
-                    self.timers.fwd_s += time.perf_counter() - t0
+                    if train:
+                        self.timers.fwd_s += time.perf_counter() - t0
                 elif a.kind == sched.SEND_F:
                     out, mask = outputs[key]
                     wire.send(a.peer, ACT, step, a.mb, [out] if mask is None else [out, mask])
@@ -256,6 +265,8 @@ class PipelineRuntime:
             batch = micro[mb]
             with torch.no_grad():
                 hidden = cut.embed(batch.input_ids)
+            if grad and not self.cfg.pipeline.early_stop:
+                hidden.requires_grad_(True)  # no early stop: backward runs down to the embedding output
             mask = batch.attention_mask
         else:
             hidden, mask = inputs[key], masks.pop(key)
@@ -278,6 +289,7 @@ class PipelineRuntime:
 
     # -- one global batch
     def train_step(self, step: int, frontier: int, batch: Batch | None, micro_batches: int) -> dict:
+        cpu0 = time.process_time()
         self.adapters.set_frontier(frontier)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -294,6 +306,7 @@ class PipelineRuntime:
         if self.optimizer is not None:
             self.optimizer.step()
         self.timers.step_s += time.perf_counter() - t0
+        self.timers.train_cpu_s += time.process_time() - cpu0
         return {"loss": loss, "grad_norm": math.sqrt(global_sq)}
 
     @torch.no_grad()
@@ -345,7 +358,8 @@ class PipelineRuntime:
         lo, hi = self.topo.blocks
         return gather_rank_rows(self.topo.world_size, {"rank": self.topo.rank, "blocks": [lo, hi],
                                                        "fwd_s": self.timers.fwd_s, "bwd_s": self.timers.bwd_s,
-                                                       "step_s": self.timers.step_s},
+                                                       "step_s": self.timers.step_s,
+                                                       "train_cpu_s": self.timers.train_cpu_s},
                                 self.wire.counters if self.wire else Counters())
 
     def write_message_log(self, out: Path) -> None:
@@ -366,11 +380,12 @@ def emulated_slowdown(speed: float) -> float:
 
 def gather_rank_rows(world_size: int, own: dict, counters: Counters) -> list[dict]:
     """All ranks' rows (a float64 tensor all_gather, no objects): ``own`` (numbers, and ``blocks`` [lo, hi]) plus
-    wait time, bytes and messages per direction and kind, and peak RSS."""
+    wait time, bytes and messages per direction and kind, peak RSS, and the process's CPU time so far (all threads,
+    gloo's included: beside ``fwd_s`` + ``bwd_s`` it shows how much CPU the rank spent outside compute)."""
     kinds = list(KIND_NAMES.values())
     scalars = {**{k: v for k, v in own.items() if k != "blocks"}, "lo": own["blocks"][0], "hi": own["blocks"][1],
                "wait_s": counters.wait_s, "bytes_sent": counters.bytes_sent, "bytes_recv": counters.bytes_recv,
-               "peak_rss_bytes": peak_rss_bytes(), "messages_sent": counters.messages_sent,
+               "peak_rss_bytes": peak_rss_bytes(), "cpu_s": time.process_time(), "messages_sent": counters.messages_sent,
                "messages_recv": counters.messages_recv}
     per_kind = [v for table in (counters.sent_by_kind, counters.recv_by_kind) for k in kinds
                 for v in table.get(k, [0, 0])]

@@ -34,9 +34,16 @@ class RankSpeeds:
         return self.profile.link_seconds(nbytes) if self.profile else 0.0
 
 
+def shared_cores(makespan: float, compute_s: float, cores: int | None) -> float:
+    """A step's time when its ranks share ``cores`` cores of one box (None: a core per rank): no shorter than the
+    event timeline, nor than all of the step's compute spread over every core."""
+    return max(makespan, compute_s / cores) if cores else makespan
+
+
 def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: Profile | None = None,
-                      steps: int | None = None) -> dict:
-    """Predicted timings of a ring / line / single run (``steps`` defaults to run.steps)."""
+                      steps: int | None = None, cores: int | None = None) -> dict:
+    """Predicted timings of a ring / line / single run (``steps`` defaults to run.steps; ``cores``: see
+    :func:`shared_cores`)."""
     world = len(partition)
     mode = "ring" if cfg.pipeline.mode == "ring" else "line"
     L, M, steps = sum(partition), cfg.data.micro_batches, steps or cfg.run.steps
@@ -49,7 +56,8 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
     sent, recv = [0] * world, [0] * world
     total, step_times, plans = 0.0, [], {}
     for step in range(steps):
-        frontier = L - trainable_count(cfg.unfreeze, L, step, 0, 0)
+        # where backward stops: the lowest trainable block, or block 0 without early stop
+        frontier = L - trainable_count(cfg.unfreeze, L, step, 0, 0) if cfg.pipeline.early_stop else 0
         if frontier not in plans:
             plans[frontier] = sched.build_schedule(mode, partition, M, frontier, head_trainable,
                                                    cfg.pipeline.schedule)
@@ -71,8 +79,9 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
             return net.link(mb_costs[a.mb].act_bytes + HEADER_BYTES)
 
         result = sched.simulate(plan, cost, link)
-        step_times.append(result["makespan"])
-        total += result["makespan"]
+        step_s = shared_cores(result["makespan"], sum(result["busy"]), cores)
+        step_times.append(step_s)
+        total += step_s
         for r, acts in enumerate(plan.actions):
             for a in acts:
                 if a.kind == sched.F:
@@ -83,12 +92,12 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
                     nbytes = mb_costs[a.mb].act_bytes + HEADER_BYTES
                     sent[r] += nbytes
                     recv[a.peer] += nbytes
-            idle[r] += result["makespan"] - (result["busy"][r])
+            idle[r] += step_s - result["busy"][r]
     tokens = steps * cfg.data.batch_size * cfg.data.seq_len
     ranges = [(sum(partition[:r]), sum(partition[:r + 1])) for r in range(world)]
     return {
         "mode": cfg.pipeline.mode, "world_size": world, "steps": steps, "simulated": True,
-        "partition": partition, "schedule": cfg.pipeline.schedule, "micro_batches": M,
+        "partition": partition, "schedule": cfg.pipeline.schedule, "micro_batches": M, "cores": cores,
         "tokens_per_s": tokens / total if total else math.inf, "wall_s": total, "step_s": total / steps,
         "step_s_each": step_times,
         "ranks": [{"rank": r, "blocks": list(ranges[r]), "fwd_s": fwd[r], "bwd_s": bwd[r], "wait_s": idle[r],
@@ -97,8 +106,9 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
 
 
 def simulate_star_step(mode: str, depths: list[int], num_blocks: int, costs: Costs, profile: Profile,
-                       policy: str = "heuristic", keep_ratio: float = 1.0) -> dict:
-    """Predicted time of one local step of every device in a star round (all devices active)."""
+                       policy: str = "heuristic", keep_ratio: float = 1.0, cores: int | None = None) -> dict:
+    """Predicted time of one local step of every device in a star round (all devices active; ``cores``: see
+    :func:`shared_cores`)."""
     U = len(depths)
     speeds = [profile.speed(d.gflops) for d in profile.devices[:U]] if len(profile.devices) >= U else [1.0] * U
     server_speed = profile.speed(profile.server_gflops)
@@ -111,9 +121,13 @@ def simulate_star_step(mode: str, depths: list[int], num_blocks: int, costs: Cos
         server.append(((num_blocks - d) * (costs.block_fwd_s + costs.block_bwd_s) + costs.head_fwd_s
                        + costs.head_bwd_s) / server_speed)
         tail.append(profile.link_seconds(act * keep_ratio, down_share) + d * costs.block_bwd_s / s)
+    compute = sum(server) + sum((costs.embed_s + d * (costs.block_fwd_s + costs.block_bwd_s)) / s
+                                for d, s in zip(depths, speeds))
     if mode == "sft":
-        return {"makespan_s": max(release) + sum(server) + max(tail), "order": list(range(1, U + 1))}
+        return {"makespan_s": shared_cores(max(release) + sum(server) + max(tail), compute, cores),
+                "order": list(range(1, U + 1))}
     order = server_order(policy, release, server, tail)
     fifo = server_order("fifo", release, server, tail)
-    return {"makespan_s": makespan(order, release, server, tail), "order": [u + 1 for u in order],
-            "fifo_makespan_s": makespan(fifo, release, server, tail)}
+    return {"makespan_s": shared_cores(makespan(order, release, server, tail), compute, cores),
+            "order": [u + 1 for u in order],
+            "fifo_makespan_s": shared_cores(makespan(fifo, release, server, tail), compute, cores)}

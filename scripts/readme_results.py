@@ -3,6 +3,7 @@ come from a real `ringada bench` run, with its command and machine.
 
     .venv/bin/python scripts/readme_results.py out/bench-ring/bench.json "ringada bench --suite ring --repeats 2"
     .venv/bin/python scripts/readme_results.py out/bench-star/bench.json "ringada bench --suite star" bench-star
+    .venv/bin/python scripts/readme_results.py out/bench-emu/bench.json "ringada bench --profile ..." bench-emulated
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main(bench_path: str, command: str, section: str = "bench") -> int:
     machine = bench["machine"]
     who = (f"a server and {bench['world_size']} devices" if bench["suite"] == "star"
            else f"{bench['world_size']} ranks")
+    if bench.get("profile"):
+        who += f" emulating `{bench['profile']}` (capacity partition)"
     body = (f"Command: `{command}` ({bench['repeats']} round(s), median), {who}, "
             f"settings {json.dumps(bench['settings'])}. Machine: {machine['cpus']} CPU cores "
             f"({platform.processor() or platform.machine()}), Python {machine['python']}, no GPU; all ranks share "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -83,6 +84,14 @@ def test_simulator_event_logic_by_hand(tmp_path):
     # a frontier above every block: no backward anywhere, the step is forwards only (3 time units)
     frozen = simulate_pipeline(_line_cfg(**{"unfreeze.initial": 0, "unfreeze.every": 10}), [1, 1], _unit_costs())
     assert frozen["wall_s"] == pytest.approx(3.0) and all(r["bwd_s"] == 0 for r in frozen["ranks"])
+    # without early stop the same frozen run pays the whole backward again (9 units)
+    full = simulate_pipeline(_line_cfg(**{"unfreeze.initial": 0, "unfreeze.every": 10, "pipeline.early_stop": "false"}),
+                             [1, 1], _unit_costs())
+    assert full["wall_s"] == pytest.approx(9.0)
+    # both ranks on one core: the 12 units of compute run one after another; on two cores the timeline (9) holds
+    one_core = simulate_pipeline(_line_cfg(), [1, 1], _unit_costs(), cores=1)
+    assert one_core["wall_s"] == pytest.approx(12.0) and [r["wait_s"] for r in one_core["ranks"]] == [6.0, 6.0]
+    assert simulate_pipeline(_line_cfg(), [1, 1], _unit_costs(), cores=2)["wall_s"] == pytest.approx(9.0)
 
 
 def test_simulator_scales_to_64_ranks_and_1000_devices():
@@ -111,6 +120,9 @@ def test_star_step_formula_for_sft():
     step = simulate_star_step("sft", [1, 2], 4, _unit_costs(), profile)
     # release: 1/1, 2/0.5 = 4; server: (3*3) + (2*3) = 15; tail: 2/1, 4/0.5 = 8 -> 4 + 15 + 8
     assert step["makespan_s"] == pytest.approx(27.0, rel=1e-6)
+    # on one shared core every compute runs in turn: server 15 + device a (1 + 2) + device b (2 + 4) / 0.5 = 30
+    one_core = simulate_star_step("sft", [1, 2], 4, _unit_costs(), profile, cores=1)
+    assert one_core["makespan_s"] == pytest.approx(30.0, rel=1e-6)
 
 
 def test_emulation_delay_arithmetic():
@@ -154,14 +166,27 @@ def test_emulated_ring_learns_exactly_what_the_plain_ring_learns(pool2, tmp_path
 
 
 def test_bench_systems_share_settings_and_differ_only_where_named():
-    from ringada.bench import RING_SYSTEMS, markdown_table, system_settings
+    from ringada.bench import RING_SYSTEMS, STAR_SYSTEMS, markdown_table, reference_of, resolved_settings, run_bench
 
-    settings = {name: system_settings(name, 30, 4) for name in RING_SYSTEMS}
+    base = {"run.steps": 5, "data.batch_size": 8}
+    settings = {name: resolved_settings(name, base, 30, 4) for name in RING_SYSTEMS + STAR_SYSTEMS}
     assert settings["ring-earlystop"][1]["unfreeze.initial"] == 8  # top 25% of 30 blocks (rounded)
-    assert "unfreeze.initial" not in settings["ring-full"][1]
+    assert "unfreeze.initial" not in settings["ring-full"][1] and "unfreeze.initial" not in settings["tdp-1f1b-full"][1]
+    assert settings["ring-noearlystop"][1]["pipeline.early_stop"] is False
+    assert settings["ring-noearlystop"][1]["unfreeze.initial"] == 8
+    assert settings["tdp-1f1b"][1]["unfreeze.initial"] == 8 and settings["tdp-gpipe"][1]["pipeline.schedule"] == "gpipe"
     assert settings["single"][2] == 1 and all(settings[s][2] == 4 for s in RING_SYSTEMS if s != "single")
     assert settings["tdp-1f1b"][0] == "ringada.baselines.tdp" and settings["line"][1]["pipeline.mode"] == "line"
-    row = {"system": "x", "tokens_per_s": 10.0, "tokens_per_s_vs_tdp_1f1b": 1.5, "step_s": 2.0,
-           "predicted_step_s": 1.0, "measured_over_predicted": 2.0, "peak_rss_bytes": 2**30, "bytes_sent": 3e6,
-           "eval_loss": None}
-    assert "| x | 10.0 | 1.50 | 2.00 | 1.00 | 2.00 | 1024 | 3.0 | - |" in markdown_table({"results": [row]})
+    # star: a server plus 4 devices, steps rounded to whole rounds
+    assert settings["sfl"][2] == 5 and settings["sfl"][1]["run.steps"] == 4 and settings["sfl"][1]["star.local_steps"] == 2
+    # every distributed ring system is compared with tdp 1F1B training the same blocks
+    assert [reference_of(s) for s in ("ring-earlystop", "ring-full", "line", "sfl")] == \
+        ["tdp-1f1b", "tdp-1f1b-full", "tdp-1f1b", None]
+    row = {"system": "x", "trainable": "all", "tokens_per_s": 10.0, "vs_tdp_1f1b_same_trainable": 1.5,
+           "step_s": 2.0, "predicted_step_s": 1.0, "measured_over_predicted": 2.0, "train_cpu_s_per_step": 3.25,
+           "peak_rss_bytes": 2**30, "peak_rss_bytes_per_rank": [2**30, 2**29], "bytes_sent": 3e6, "eval_loss": None}
+    table = markdown_table({"results": [row], "machine": {"cpus": 2}})
+    assert "| x | all | 10.0 | 1.50 | 2.00 | 1024 / 512 | 3.0 | - |" in table
+    assert "| x | 2.00 | 1.00 | 2.00 | - | 3.25 | - |" in table and "(2 shared cores)" in table
+    with pytest.raises(ValueError, match="--repeats: got 0; expected >= 1"):
+        run_bench("ring", Path("unused"), True, 0, 4)

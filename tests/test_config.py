@@ -45,6 +45,7 @@ def test_set_overrides_file_values(tmp_path):
     (["pipeline.partition=half"], ["pipeline.partition", "'half'", "even"]),
     (["pipeline.mode=ring", "pipeline.partition=[2, -1]"], ["pipeline.partition", ">= 0"]),
     (["pipeline.partition=[2, 2]"], ["pipeline.partition", "single"]),
+    (["run.steps=1", "pipeline.mode=sfl", "pipeline.early_stop=false"], ["pipeline.early_stop", "single, ring and line"]),
     (["data.micro_batches=9"], ["data.micro_batches", "9", "batch_size (8)"]),
     (["data.micro_batches=0"], ["data.micro_batches", "0"]),
     (["data.seq_len=1"], ["data.seq_len", ">= 2"]),

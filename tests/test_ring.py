@@ -137,3 +137,16 @@ def test_frontier_on_top_rank_leaves_lower_ranks_forward_only(pool4, tmp_path, t
         assert act["bytes"] == forwards * HEADER_BYTES + rows * cfg.data.seq_len * hidden * 4
     assert ranks[3]["bwd_s"] > 0 and ranks[3]["sent_by_kind"]["gradient"]["messages"] == 0
     assert ranks[0]["sent_by_kind"]["gradient"]["messages"] == cfg.run.steps * cfg.data.micro_batches
+
+
+def test_without_early_stop_every_rank_backpropagates_and_learns_the_same(pool4, tmp_path, tiny_dirs, token_jsonl):
+    """pipeline.early_stop=false (the ablation): the same adapters, but backward runs through every rank."""
+    raw = _cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, partition=[1, 1, 1, 1], micro=3,
+               unfreeze={"initial": 1, "every": 100})
+    raw["pipeline"]["early_stop"] = False
+    pool4.run(raw)
+    summary, metrics, cfg = _check_against_reference(raw, tiny_dirs["llama"], token_jsonl)
+    for r, row in enumerate(summary["ranks"]):
+        assert row["bwd_s"] > 0, f"rank {r}"
+        # each rank sends one gradient per micro-batch: rank 0 from the head, ranks 1..3 down the ring
+        assert row["sent_by_kind"]["gradient"]["messages"] == cfg.run.steps * cfg.data.micro_batches, f"rank {r}"
