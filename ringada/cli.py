@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train adapters. pipeline.mode picks the topology: single (one process), "
                            "ring or line (torchrun ranks in a pipeline), sfl or sft (star).")
     _add_config_args(train)
+    ev = sub.add_parser("eval", help="evaluate a saved adapter on data.eval in this process",
+                        description="Eval loss, perplexity (causal LM) or accuracy (classification) of a saved "
+                        "adapter on the first run.eval_batches batches of data.eval, in one process. Pass the run's "
+                        "own config.yaml so that the model and adapter settings match. Prints one JSON object.")
+    _add_config_args(ev)
+    ev.add_argument("--adapter", default=None,
+                    help="adapter directory in peft format (default: run.out_dir/adapter)")
     show = sub.add_parser("config", help="print the resolved config (defaults + file + --set) and exit")
     _add_config_args(show)
     plan = sub.add_parser("plan", help="print the per-rank pipeline plan of one step (no processes started)",
@@ -108,6 +115,19 @@ def main(argv: list[str] | None = None) -> int:
         return _print_plan(cfg, args)
     if args.command == "simulate":
         return _simulate(cfg, args)
+    if args.command == "eval":
+        import json
+        from pathlib import Path
+
+        from .runtime import evaluate_adapter
+
+        try:
+            result = evaluate_adapter(cfg, args.adapter or Path(cfg.run.out_dir) / "adapter")
+        except (config_mod.ConfigError, ValueError, FileNotFoundError) as e:
+            print(f"ringada: error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(result))
+        return 0
     if args.command == "train":
         from .launch import train
 

@@ -129,6 +129,7 @@ class RankTimers:
     bwd_s: float = 0.0
     step_s: float = 0.0
     train_cpu_s: float = 0.0
+    train_bytes_sent: int = 0  # bytes this rank put on the wire during training steps (no eval, no gathering)
 
 
 @dataclass
@@ -289,7 +290,7 @@ class PipelineRuntime:
 
     # -- one global batch
     def train_step(self, step: int, frontier: int, batch: Batch | None, micro_batches: int) -> dict:
-        cpu0 = time.process_time()
+        cpu0, sent0 = time.process_time(), self.wire.counters.bytes_sent if self.wire else 0
         self.adapters.set_frontier(frontier)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -307,6 +308,7 @@ class PipelineRuntime:
             self.optimizer.step()
         self.timers.step_s += time.perf_counter() - t0
         self.timers.train_cpu_s += time.process_time() - cpu0
+        self.timers.train_bytes_sent += (self.wire.counters.bytes_sent if self.wire else 0) - sent0
         return {"loss": loss, "grad_norm": math.sqrt(global_sq)}
 
     @torch.no_grad()
@@ -359,7 +361,8 @@ class PipelineRuntime:
         return gather_rank_rows(self.topo.world_size, {"rank": self.topo.rank, "blocks": [lo, hi],
                                                        "fwd_s": self.timers.fwd_s, "bwd_s": self.timers.bwd_s,
                                                        "step_s": self.timers.step_s,
-                                                       "train_cpu_s": self.timers.train_cpu_s},
+                                                       "train_cpu_s": self.timers.train_cpu_s,
+                                                       "train_bytes_sent": self.timers.train_bytes_sent},
                                 self.wire.counters if self.wire else Counters())
 
     def write_message_log(self, out: Path) -> None:
@@ -559,3 +562,47 @@ def _train(cfg: Config, topo: Topology, device: torch.device, data) -> dict | No
 
 def _fmt(record: dict) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in record.items())
+
+
+def evaluate_adapter(cfg: Config, adapter_dir: str | Path) -> dict:
+    """Eval loss (perplexity / accuracy) of a saved adapter (peft format, e.g. a run's ``adapter/`` or
+    ``rounds/round_NNNN/``) on data.eval's first run.eval_batches batches, in this one process."""
+    from dataclasses import replace
+
+    from .adapters import load_adapter_file
+    from .data import load_dataset
+    from .models import load_tokenizer
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"--adapter: got {str(adapter_dir)!r}; expected a directory with adapter_model.safetensors "
+                          "(a run's out_dir/adapter)")
+    if cfg.run.eval_batches < 1:
+        raise ConfigError(f"run.eval_batches: got {cfg.run.eval_batches}; evaluating needs >= 1")
+    cfg = replace(cfg, pipeline=replace(cfg.pipeline, mode="single", partition="even", profile=None, emulate=False))
+    topo = make_topology(cfg, 0, 1)
+    check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
+    if not cfg.data.eval:
+        raise ConfigError("data.eval: got null; set the data to evaluate on")
+    eval_set = load_dataset(cfg.data.eval, "eval", task=cfg.model.task, seq_len=cfg.data.seq_len,
+                            tokenizer=load_tokenizer(cfg.model.path), num_labels=cfg.model.num_labels)
+    vocab = read_config(cfg.model.path).vocab_size
+    if int(eval_set.input_ids.max()) >= vocab:
+        raise ConfigError(f"data.eval: token id {int(eval_set.input_ids.max())} >= the model's vocab size {vocab}")
+    rt = PipelineRuntime(cfg, topo, torch.device("cpu"))
+    state = load_adapter_file(adapter_dir)
+    mine = rt.adapters.state_dict()
+    missing, extra = sorted(mine.keys() - state.keys()), sorted(state.keys() - mine.keys())
+    wrong = [k for k in mine.keys() & state.keys() if mine[k].shape != state[k].shape]
+    if missing or extra or wrong:
+        example = (wrong or missing or extra)[0]
+        raise ConfigError(f"--adapter: {adapter_dir} does not fit adapter.kind={cfg.adapter.kind!r} r={cfg.adapter.r} "
+                          f"target_modules={cfg.adapter.target_modules}: {len(missing)} tensors missing, "
+                          f"{len(extra)} unexpected, {len(wrong)} of another shape (e.g. {example}); use the "
+                          "adapter settings of the run that wrote it (its config.yaml)")
+    rt.adapters.load_state_dict(state)
+    loss, count, correct = 0.0, 0, 0
+    for j, batch in enumerate(eval_set.eval_batches(cfg.data.batch_size, cfg.run.eval_batches)):
+        s = rt.eval_batch(j, batch, min(cfg.data.micro_batches, batch.size))
+        loss, count, correct = loss + s.loss, count + s.count, correct + s.correct
+    return eval_record(loss, count, correct, cfg.model.task)

@@ -115,3 +115,25 @@ def test_adapter_dropout_trains_but_never_touches_evaluation(tmp_path, tiny_dirs
     assert reference_eval(model, eval_set) == pytest.approx(summaries[0]["eval_loss"], rel=1e-6)
     a, b = (load_file(tmp_path / str(i) / "out" / "adapter" / "adapter_model.safetensors") for i in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_command_reproduces_the_runs_eval_and_rejects_a_mismatched_adapter(tmp_path, tiny_dirs, token_jsonl,
+                                                                                 capsys):
+    from ringada.cli import main
+
+    cfg = _config(tmp_path, tiny_dirs["llama"], token_jsonl, ["data.micro_batches=2"])
+    summary = run_single(cfg)
+    out = tmp_path / "out"
+    assert main(["eval", "--config", str(out / "config.yaml")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
+    assert result["eval_ppl"] == pytest.approx(summary["eval_after"]["eval_ppl"], rel=1e-6)
+    # the initial adapter evaluates to the run's "before" numbers
+    assert main(["eval", "--config", str(out / "config.yaml"), "--adapter", str(out / "adapter_init")]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_loss"] == pytest.approx(summary["eval_before"]["eval_loss"],
+                                                                            rel=1e-6)
+    assert main(["eval", "--config", str(out / "config.yaml"), "--set", "adapter.r=2"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter.kind='lora' r=2" in err and "of another shape" in err and "config.yaml" in err
+    assert main(["eval", "--config", str(out / "config.yaml"), "--adapter", str(tmp_path / "nowhere")]) == 2
+    assert "adapter_model.safetensors" in capsys.readouterr().err
