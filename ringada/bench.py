@@ -141,7 +141,9 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
         raise RuntimeError(f"{system} failed:\n{result.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     ranks = summary["ranks"]
-    bytes_sent = sum(r["bytes_sent"] for r in ranks)
+    # training traffic where the runtime counts it apart (ring / line), else everything the ranks sent
+    train_bytes = [r.get("train_bytes_sent") for r in ranks]
+    bytes_sent = sum(train_bytes) if None not in train_bytes else sum(r["bytes_sent"] for r in ranks)
     if system.startswith("tdp-"):
         # torch.distributed.pipelining keeps no byte counters: activations cross each of the N-1 edges once per
         # row, and a gradient goes back over an edge only when the stage above it takes an input that requires
@@ -299,7 +301,8 @@ def markdown_table(bench: dict) -> str:
                      f"{_num(r.get('vs_tdp_1f1b_same_trainable'), '.2f')} | {r['step_s']:.2f} | {rss} | "
                      f"{r['bytes_sent'] / 1e6:.1f} | {_num(r['eval_loss'], '.4f')} |")
     cores = bench.get("machine", {}).get("cpus", "all")
-    lines += ["", f"| system | step s | predicted step s ({cores} shared cores) | measured / predicted | "
+    model = f"{bench['profile']}'s devices and links" if bench.get("profile") else f"{cores} shared cores"
+    lines += ["", f"| system | step s | predicted step s ({model}) | measured / predicted | "
               "predicted step s, a core per rank | CPU s per step (all ranks) | CPU busy |",
               "|---|---|---|---|---|---|---|"]
     for r in results:

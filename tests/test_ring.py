@@ -135,6 +135,9 @@ def test_frontier_on_top_rank_leaves_lower_ranks_forward_only(pool4, tmp_path, t
         rows = cfg.run.steps * cfg.data.batch_size + 2 * 2 * cfg.data.batch_size
         assert act["messages"] == forwards
         assert act["bytes"] == forwards * HEADER_BYTES + rows * cfg.data.seq_len * hidden * 4
+        train_rows = cfg.run.steps * cfg.data.batch_size  # training steps alone: no eval traffic
+        assert ranks[r]["train_bytes_sent"] == (cfg.run.steps * cfg.data.micro_batches * HEADER_BYTES
+                                                + train_rows * cfg.data.seq_len * hidden * 4)
     assert ranks[3]["bwd_s"] > 0 and ranks[3]["sent_by_kind"]["gradient"]["messages"] == 0
     assert ranks[0]["sent_by_kind"]["gradient"]["messages"] == cfg.run.steps * cfg.data.micro_batches
 

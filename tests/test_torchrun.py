@@ -28,11 +28,25 @@ def _args(out, model_dir, data, *extra):
 
 
 def test_config_errors_stop_all_ranks_before_any_collective(tmp_path, tiny_dirs, token_jsonl):
-    """Every rank rejects the config on its own, so none waits for a peer (the pure config tests cover the rest)."""
+    """Every rank rejects the config on its own, so none waits for a peer (the pure config tests cover the rest).
+
+    The ranks are started as torchrun would start them (its environment variables) but each on its own: torchrun
+    itself stops the remaining workers once one fails, which would hide a rank that hangs."""
     extra = ["--set", "pipeline.partition=[1, 1, 1]"]
-    result = _torchrun(3, _args(tmp_path / "out", tiny_dirs["llama"], token_jsonl, *extra), timeout=120)
-    assert result.returncode != 0
-    assert result.stderr.count("pipeline.partition: got [1, 1, 1] (sum 3) but the model has 4 blocks") == 3
+    port = free_port()
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3"}
+    cmd = [sys.executable, "-m", "ringada", "train", *_args(tmp_path / "out", tiny_dirs["llama"], token_jsonl, *extra)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(3)]
+    try:
+        results = [p.communicate(timeout=120) for p in procs]  # a rank waiting for a peer would time out here
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 2
+        assert "pipeline.partition: got [1, 1, 1] (sum 3) but the model has 4 blocks" in err
     assert not (tmp_path / "out" / "adapter").exists()
 
 
