@@ -174,7 +174,7 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
             # ranks share cores
             "train_cpu_s_per_step": sum(cpu) / steps if None not in cpu else None,
             "bytes_sent": bytes_sent, "eval_loss": summary.get("eval_loss"),
-            "final_loss": summary.get("final_loss"), "ranks": len(ranks),
+            "final_loss": summary.get("final_loss"), "ranks": len(ranks), "partition": summary.get("partition"),
             "rank_rows": [{k: r.get(k) for k in ("rank", "blocks", "fwd_s", "bwd_s", "wait_s", "train_cpu_s",
                                                  "peak_rss_bytes", "bytes_sent")} for r in ranks],
             "process_s": time.perf_counter() - t0}
@@ -214,14 +214,17 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
                                            timeout, profile))
     results = []
     for system, rs in runs.items():
-        merged = dict(rs[0])
+        merged = dict(rs[0])  # rank_rows: those of the first round
         for key in ("tokens_per_s", "step_s", "peak_rss_bytes", "bytes_sent"):
             merged[key] = statistics.median(r[key] for r in rs)
+        merged["peak_rss_bytes_per_rank"] = [statistics.median(v) for v in zip(*(r["peak_rss_bytes_per_rank"]
+                                                                                 for r in rs))]
         if merged["train_cpu_s_per_step"] is not None:
             merged["train_cpu_s_per_step"] = statistics.median(r["train_cpu_s_per_step"] for r in rs)
             merged["cpu_utilization"] = merged["train_cpu_s_per_step"] / (merged["step_s"] * cores)
         merged["predicted_step_s"], merged["predicted_step_s_core_per_rank"] = (
-            predicted_step(system, settings, world, num_blocks, c, profile) for c in (cores, None))
+            predicted_step(system, settings, world, num_blocks, c, profile, merged["partition"])
+            for c in (cores, None))
         merged["measured_over_predicted"] = merged["step_s"] / merged["predicted_step_s"]
         results.append(merged)
     by_name = {r["system"]: r for r in results}
@@ -241,7 +244,7 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
 
 
 def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cores: int | None,
-                   profile: str | None = None) -> float:
+                   profile: str | None = None, partition: list[int] | None = None) -> float:
     """The time model: the system's plan (its partition, schedule and trainable set) through the simulator with
     per-block costs measured once on this machine at the system's thread count, its ranks sharing ``cores``
     (None: a core per rank, as on separate devices of this machine's speed).
@@ -259,8 +262,7 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
     cfg = config_mod.load(None, _set_args(sets))
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.run.threads or 1)
-    # emulated devices stretch compute by sleeping, which takes no core: they are modelled as separate machines
-    shared = cores if cores and procs > cores and not profile else None
+    shared = cores if cores and procs > cores else None
     try:
         if system in STAR_SYSTEMS:
             from .profiles import DeviceSpec, Profile
@@ -278,7 +280,7 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
         from .runtime import make_topology
 
         rows = -(-cfg.data.batch_size // cfg.data.micro_batches)
-        partition = make_topology(cfg, 0, procs).partition
+        partition = partition or make_topology(cfg, 0, procs).partition  # the run's own (capacity plans vary)
         return simulate_pipeline(cfg, partition, block_costs(cfg, rows), load_profile(profile) if profile else None,
                                  cores=shared)["step_s"]
     finally:
@@ -301,7 +303,7 @@ def markdown_table(bench: dict) -> str:
                      f"{_num(r.get('vs_tdp_1f1b_same_trainable'), '.2f')} | {r['step_s']:.2f} | {rss} | "
                      f"{r['bytes_sent'] / 1e6:.1f} | {_num(r['eval_loss'], '.4f')} |")
     cores = bench.get("machine", {}).get("cpus", "all")
-    model = f"{bench['profile']}'s devices and links" if bench.get("profile") else f"{cores} shared cores"
+    model = f"{cores} shared cores" + (f", {bench['profile']}'s speeds and links" if bench.get("profile") else "")
     lines += ["", f"| system | step s | predicted step s ({model}) | measured / predicted | "
               "predicted step s, a core per rank | CPU s per step (all ranks) | CPU busy |",
               "|---|---|---|---|---|---|---|"]

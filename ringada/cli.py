@@ -64,14 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--world", type=int, required=True, help="number of ranks (star: 1 server + devices)")
     sim.add_argument("--steps", type=int, default=None, help="steps to simulate (default run.steps)")
     sim.add_argument("--cores", type=int, default=None,
-                     help="the ranks share this many cores of one box, so a step takes at least its total compute "
-                     "/ cores (default: a core per rank)")
+                     help="the ranks share this many cores of one box (emulated or not), so a step takes at least "
+                     "its compute at this machine's speed / cores (default: a core per rank)")
     bench = sub.add_parser("bench", help="run systems side by side and write bench.json, bench.md and plots",
                            description="Runs systems on the same model, data, adapters and steps (SmolLM2 + "
                            "Shakespeare by default; --smoke: a tiny model), in rotating rounds, and reports tokens/s "
                            "(also relative to tdp-1f1b with the same trainable set), step time next to the simulator's "
                            "prediction, CPU seconds per step, peak RSS per rank, bytes on the wire and eval loss. "
-                           "ring: ring-earlystop, ring-full, line, tdp-gpipe, tdp-1f1b, tdp-1f1b-full, single. star: sfl, sft, sft-compressed, sfl-copy-per-device (with server "
+                           "ring: ring-earlystop, ring-noearlystop, ring-full, line, tdp-gpipe, tdp-1f1b, "
+                           "tdp-1f1b-full, single. star: sfl, sft, sft-compressed, sfl-copy-per-device (with server "
                            "memory and makespan over FIFO).")
     bench.add_argument("--suite", choices=("ring", "star", "all"), default="ring")
     bench.add_argument("--out", required=True, help="output directory")

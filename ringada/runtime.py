@@ -583,12 +583,16 @@ def evaluate_adapter(cfg: Config, adapter_dir: str | Path) -> dict:
     topo = make_topology(cfg, 0, 1)
     check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
     if not cfg.data.eval:
-        raise ConfigError("data.eval: got null; set the data to evaluate on")
+        raise ConfigError("data.eval: got null; set the data to evaluate on (shakespeare, polarity, a .txt or a "
+                          ".jsonl file)")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
     eval_set = load_dataset(cfg.data.eval, "eval", task=cfg.model.task, seq_len=cfg.data.seq_len,
                             tokenizer=load_tokenizer(cfg.model.path), num_labels=cfg.model.num_labels)
     vocab = read_config(cfg.model.path).vocab_size
     if int(eval_set.input_ids.max()) >= vocab:
-        raise ConfigError(f"data.eval: token id {int(eval_set.input_ids.max())} >= the model's vocab size {vocab}")
+        raise ConfigError(f"data.eval: token id {int(eval_set.input_ids.max())} >= the model's vocab size {vocab}; "
+                          "use data tokenized for model.path")
     rt = PipelineRuntime(cfg, topo, torch.device("cpu"))
     state = load_adapter_file(adapter_dir)
     mine = rt.adapters.state_dict()

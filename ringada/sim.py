@@ -36,7 +36,8 @@ class RankSpeeds:
 
 def shared_cores(makespan: float, compute_s: float, cores: int | None) -> float:
     """A step's time when its ranks share ``cores`` cores of one box (None: a core per rank): no shorter than the
-    event timeline, nor than all of the step's compute spread over every core."""
+    event timeline, nor than all of the step's compute spread over every core. ``compute_s`` is the compute at
+    this machine's speed: an emulated slow device sleeps the rest, which takes no core."""
     return max(makespan, compute_s / cores) if cores else makespan
 
 
@@ -79,7 +80,7 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
             return net.link(mb_costs[a.mb].act_bytes + HEADER_BYTES)
 
         result = sched.simulate(plan, cost, link)
-        step_s = shared_cores(result["makespan"], sum(result["busy"]), cores)
+        step_s = shared_cores(result["makespan"], sum(b * v for b, v in zip(result["busy"], speeds)), cores)
         step_times.append(step_s)
         total += step_s
         for r, acts in enumerate(plan.actions):
@@ -121,8 +122,8 @@ def simulate_star_step(mode: str, depths: list[int], num_blocks: int, costs: Cos
         server.append(((num_blocks - d) * (costs.block_fwd_s + costs.block_bwd_s) + costs.head_fwd_s
                        + costs.head_bwd_s) / server_speed)
         tail.append(profile.link_seconds(act * keep_ratio, down_share) + d * costs.block_bwd_s / s)
-    compute = sum(server) + sum((costs.embed_s + d * (costs.block_fwd_s + costs.block_bwd_s)) / s
-                                for d, s in zip(depths, speeds))
+    compute = sum(server) * server_speed + sum(costs.embed_s + d * (costs.block_fwd_s + costs.block_bwd_s)
+                                               for d in depths)  # at this machine's speed (see shared_cores)
     if mode == "sft":
         return {"makespan_s": shared_cores(max(release) + sum(server) + max(tail), compute, cores),
                 "order": list(range(1, U + 1))}

@@ -120,9 +120,14 @@ def test_star_step_formula_for_sft():
     step = simulate_star_step("sft", [1, 2], 4, _unit_costs(), profile)
     # release: 1/1, 2/0.5 = 4; server: (3*3) + (2*3) = 15; tail: 2/1, 4/0.5 = 8 -> 4 + 15 + 8
     assert step["makespan_s"] == pytest.approx(27.0, rel=1e-6)
-    # on one shared core every compute runs in turn: server 15 + device a (1 + 2) + device b (2 + 4) / 0.5 = 30
-    one_core = simulate_star_step("sft", [1, 2], 4, _unit_costs(), profile, cores=1)
-    assert one_core["makespan_s"] == pytest.approx(30.0, rel=1e-6)
+    # sharing one core, the compute at this machine's speed runs in turn: server 15 + device a (1 + 2) + device b
+    # (2 + 4) = 24 (b's emulated slowness is sleep, which takes no core), under the timeline's 27
+    assert simulate_star_step("sft", [1, 2], 4, _unit_costs(), profile, cores=1)["makespan_s"] == pytest.approx(27.0)
+    same = Profile(server_gflops=50, devices=(DeviceSpec("a", 50, 1), DeviceSpec("b", 50, 1)),
+                   uplink_mbps=1e9, downlink_mbps=1e9, latency_ms=0)
+    # equal speeds: the timeline is 2 + 15 + 4 = 21, and one shared core needs the 24
+    assert simulate_star_step("sft", [1, 2], 4, _unit_costs(), same)["makespan_s"] == pytest.approx(21.0, rel=1e-6)
+    assert simulate_star_step("sft", [1, 2], 4, _unit_costs(), same, cores=1)["makespan_s"] == pytest.approx(24.0)
 
 
 def test_emulation_delay_arithmetic():

@@ -1,5 +1,7 @@
 """torch.distributed.pipelining baseline: the same model slices, LoRA and trainable set as a `line` run, driven
-by the public PipelineStage with ScheduleGPipe / Schedule1F1B. No early stop: every stage backpropagates.
+by the public PipelineStage with ScheduleGPipe / Schedule1F1B. torch's pipelining passes requires_grad between
+stages, so a stage whose input needs no gradient runs no backward: autograd itself stops at the lowest trainable
+adapter (at stage granularity between ranks).
 
     torchrun --nproc-per-node 4 -m ringada.baselines.tdp --config FILE --schedule 1f1b [--set k=v ...]
 
