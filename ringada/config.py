@@ -39,6 +39,12 @@ class RunConfig:
     """torch intra-op threads per process (0: torch's default; torchrun ranks default to 1)."""
     message_log: bool = False
     """Debug: each rank writes every point-to-point message it sent to out_dir/messages/rank<r>.json."""
+    checkpoint_every: int = 0
+    """Write a checkpoint (adapters + AdamW state per rank, atomically) to out_dir/checkpoints/step_<S>/ every
+    this many optimizer steps (0: none). single, ring and line runs."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in out_dir (same world size and partition); the result equals
+    an uninterrupted run."""
 
 
 @dataclass(kw_only=True)
@@ -357,6 +363,12 @@ def validate(cfg: Config) -> None:
     _require(run.eval_batches >= 0, f"run.eval_batches: got {run.eval_batches}; expected >= 0 (0: all)")
     _require(run.log_every >= 1, f"run.log_every: got {run.log_every}; expected >= 1")
     _require(run.threads >= 0, f"run.threads: got {run.threads}; expected >= 0 (0: default)")
+    _require(run.checkpoint_every >= 0, f"run.checkpoint_every: got {run.checkpoint_every}; expected >= 0 (0: none)")
+    if pipe.mode in ("sfl", "sft"):
+        _require(not run.checkpoint_every and not run.resume,
+                 f"run.checkpoint_every / run.resume: got {run.checkpoint_every} / {run.resume} with pipeline.mode="
+                 f"{pipe.mode!r}; checkpoints cover single, ring and line runs (a star run saves its global "
+                 "adapter every round under out_dir/rounds/)")
     _require(bool(run.out_dir), "run.out_dir: got ''; expected a directory path")
 
     if model.task == "classification":

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import checkpoint
 from . import config as config_mod
 from . import schedule as sched
 from .adapters import add_adapters, check_target_modules, save_adapters
@@ -441,11 +442,16 @@ def train(cfg: Config) -> dict | None:
     check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
     data = load_run_data(cfg, read_config(cfg.model.path).vocab_size) if rank == 0 else None
     torch.manual_seed(cfg.run.seed)
+    # a resume point is checked by every rank before the first collective (a capacity plan: once it is agreed)
+    resume = checkpoint.find_resume_point(cfg.run.out_dir, world_size, topo.partition) \
+        if cfg.run.resume and not capacity else None
     device = _init_distributed(topo)
     try:
         if capacity:
             topo = make_topology(cfg, rank, world_size, partition=_agree_on_capacity(cfg, rank, world_size))
-        return _train(cfg, topo, device, data)
+            if cfg.run.resume:
+                resume = checkpoint.find_resume_point(cfg.run.out_dir, world_size, topo.partition)
+        return _train(cfg, topo, device, data, resume)
     finally:
         if topo.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -470,18 +476,22 @@ def _agree_on_capacity(cfg: Config, rank: int, world_size: int) -> list[int]:
     return t.tolist()
 
 
-def _train(cfg: Config, topo: Topology, device: torch.device, data) -> dict | None:
+def _train(cfg: Config, topo: Topology, device: torch.device, data, resume: tuple[Path, dict] | None = None
+           ) -> dict | None:
     rt = PipelineRuntime(cfg, topo, device)
     L, M = rt.num_blocks, cfg.data.micro_batches
     lead = topo.is_initiator
+    start = resume[1]["step"] if resume else 0
     if lead:
-        log.info("%s: %d ranks, blocks per rank %s, schedule %s, %d micro-batches", topo.mode, topo.world_size,
-                 topo.partition, cfg.pipeline.schedule, M)
-    recorder = RunRecorder(cfg, enabled=lead)
+        log.info("%s: %d ranks, blocks per rank %s, schedule %s, %d micro-batches%s", topo.mode, topo.world_size,
+                 topo.partition, cfg.pipeline.schedule, M, f"; resuming after step {start}" if resume else "")
+    recorder = RunRecorder(cfg, enabled=lead, keep_steps=start if resume else None)
     out = Path(cfg.run.out_dir)
     init_state = rt.gather_adapters(tag_step=0)
     if lead:
         save_adapters(out / "adapter_init", init_state, rt.adapters.config_json)
+    if resume:
+        checkpoint.load_rank(resume[0], topo.rank, rt.adapters, rt.optimizer)
 
     # Eval batch sizes are only known to the initiator; every rank needs them to build the same plans.
     eval_batches = data.eval.eval_batches(cfg.data.batch_size, cfg.run.eval_batches) if lead and data.eval else []
@@ -496,14 +506,22 @@ def _train(cfg: Config, topo: Topology, device: torch.device, data) -> dict | No
         loss, count, correct = rt.all_reduce_sum([loss, count, correct])
         return eval_record(loss, int(count), int(correct), cfg.model.task)
 
-    before = evaluate() if n_eval else {}
-    if lead and before:
-        log.info("eval before training: %s", _fmt(before))
     unfreezer = Unfreezer(cfg.unfreeze, L)
     tokens_total, train_s, loss, last_losses = 0, 0.0, float("nan"), []
-    start = time.perf_counter()
+    if resume:
+        state = resume[1]
+        before, tokens_total, train_s, last_losses = (state["eval_before"], state["tokens"], state["train_s"],
+                                                      state["last_losses"])
+        unfreezer.plateaus, unfreezer.best, unfreezer.stale = (state["unfreezer"][k]
+                                                               for k in ("plateaus", "best", "stale"))
+    else:
+        before = evaluate() if n_eval else {}
+    if lead and before:
+        log.info("eval before training: %s", _fmt(before))
+    begin = time.perf_counter()
     bar = progress(cfg.run.steps, enabled=lead)
-    for step in range(cfg.run.steps):
+    bar.update(start)
+    for step in range(start, cfg.run.steps):
         t0 = time.perf_counter()
         epoch, batch = data.train.batch_at(step, cfg.data.batch_size, cfg.data.shuffle, cfg.run.seed) if lead \
             else (0, None)
@@ -517,7 +535,7 @@ def _train(cfg: Config, topo: Topology, device: torch.device, data) -> dict | No
         if lead:
             tokens_total += input_tokens(batch)
             record = {"step": step, "loss": loss, "trainable_blocks": trainable, "frontier": L - trainable,
-                      "epoch": epoch, "tokens": tokens_total, "elapsed_s": time.perf_counter() - start,
+                      "epoch": epoch, "tokens": tokens_total, "elapsed_s": time.perf_counter() - begin,
                       "grad_norm": result["grad_norm"]}
         if n_eval and cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
             ev = evaluate()
@@ -533,8 +551,16 @@ def _train(cfg: Config, topo: Topology, device: torch.device, data) -> dict | No
             if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.run.steps:
                 log.info("step %d/%d loss %.4f trainable %d/%d frontier %d tokens/s %.0f", step + 1, cfg.run.steps,
                          loss, trainable, L, L - trainable, tokens_total / max(train_s, 1e-9))
+        if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
+            checkpoint.write_rank(out, step + 1, topo.rank, checkpoint.rank_tensors(rt.adapters, rt.optimizer))
+            rt.all_reduce_sum([0.0])  # every rank's file is on disk before the manifest makes the checkpoint count
+            if lead:
+                checkpoint.write_manifest(out, step + 1, {
+                    "step": step + 1, "world_size": topo.world_size, "partition": list(topo.partition),
+                    "tokens": tokens_total, "train_s": train_s, "last_losses": last_losses, "eval_before": before,
+                    "unfreezer": {"plateaus": unfreezer.plateaus, "best": unfreezer.best, "stale": unfreezer.stale}})
     bar.close()
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - begin
     after = evaluate() if n_eval else {}
     final_state = rt.gather_adapters(tag_step=1)
     if cfg.run.message_log:
@@ -549,6 +575,7 @@ def _train(cfg: Config, topo: Topology, device: torch.device, data) -> dict | No
         "tokens_per_s": tokens_total / max(train_s, 1e-9), "wall_s": wall, "train_s": train_s,
         "num_blocks": L, "partition": topo.partition, "schedule": cfg.pipeline.schedule, "micro_batches": M,
         "adapter_params": sum(v.numel() for v in final_state.values()), "ranks": ranks,
+        **({"resumed_from_step": start} if resume else {}),
     }
     recorder.summary(summary)
     if after:

@@ -138,13 +138,20 @@ def peak_rss_bytes() -> int:
 class RunRecorder:
     """Writes config.yaml, metrics.jsonl and summary.json in run.out_dir (on the logging rank only)."""
 
-    def __init__(self, cfg: Config, enabled: bool = True):
+    def __init__(self, cfg: Config, enabled: bool = True, keep_steps: int | None = None):
+        """``keep_steps``: a resumed run keeps the metrics of its first ``keep_steps`` steps and appends."""
         self.enabled = enabled
         self.out = Path(cfg.run.out_dir)
         if enabled:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(config_mod.dump(cfg))
-            self._metrics = open(self.out / "metrics.jsonl", "w")
+            path = self.out / "metrics.jsonl"
+            kept = []
+            if keep_steps is not None and path.is_file():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", keep_steps) < keep_steps]
+            self._metrics = open(path, "w")
+            self._metrics.write("".join(line + "\n" for line in kept))
 
     def step(self, record: dict) -> None:
         if self.enabled:

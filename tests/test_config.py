@@ -46,6 +46,8 @@ def test_set_overrides_file_values(tmp_path):
     (["pipeline.mode=ring", "pipeline.partition=[2, -1]"], ["pipeline.partition", ">= 0"]),
     (["pipeline.partition=[2, 2]"], ["pipeline.partition", "single"]),
     (["run.steps=1", "pipeline.mode=sfl", "pipeline.early_stop=false"], ["pipeline.early_stop", "single, ring and line"]),
+    (["run.steps=1", "pipeline.mode=sfl", "run.checkpoint_every=1"], ["run.checkpoint_every", "single, ring and line"]),
+    (["run.checkpoint_every=-1"], ["run.checkpoint_every", "-1", ">= 0"]),
     (["data.micro_batches=9"], ["data.micro_batches", "9", "batch_size (8)"]),
     (["data.micro_batches=0"], ["data.micro_batches", "0"]),
     (["data.seq_len=1"], ["data.seq_len", ">= 2"]),
