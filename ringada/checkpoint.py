@@ -13,25 +13,57 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .adapters import Adapters
-from .config import ConfigError
+from .config import Config, ConfigError
 
 MANIFEST = "manifest.json"
 
 
+# what may differ between the run that wrote a checkpoint and the one resuming it
+_RESUMABLE_CHANGES = {"run.steps", "run.resume", "run.checkpoint_every", "run.eval_every", "run.log_every",
+                      "run.message_log", "run.threads", "run.out_dir"}
+
+
 def step_dir(out_dir: str | Path, step: int) -> Path:
-    return Path(out_dir) / "checkpoints" / f"step_{step:06d}"
+    return Path(out_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write under a temporary name, flush it to disk, rename it into place and flush the directory."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     write(tmp)
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def config_fingerprint(cfg: Config) -> dict:
+    """The settings a resume must share with the run that wrote the checkpoint (flattened ``section.key``)."""
+    flat = {f"{section}.{key}": value for section, keys in cfg.to_dict().items() for key, value in keys.items()}
+    return json.loads(json.dumps({k: v for k, v in flat.items() if k not in _RESUMABLE_CHANGES}))  # as stored
+
+
+def clear(out_dir: str | Path) -> None:
+    """A fresh run (no run.resume) removes an earlier run's checkpoints from its out_dir, so that a later resume
+    can only ever continue this run."""
+    root = Path(out_dir) / "checkpoints"
+    if root.is_dir():
+        shutil.rmtree(root)
 
 
 def rank_tensors(adapters: Adapters, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
@@ -58,14 +90,18 @@ def write_manifest(out_dir: str | Path, step: int, manifest: dict) -> None:
 def latest(out_dir: str | Path) -> tuple[Path, dict] | None:
     """The newest complete checkpoint (its directory and manifest), or None."""
     root = Path(out_dir) / "checkpoints"
-    for directory in sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []:
+    steps = sorted((d for d in root.glob("step_*") if d.name[5:].isdigit()), key=lambda d: int(d.name[5:]),
+                   reverse=True) if root.is_dir() else []
+    for directory in steps:
         if (directory / MANIFEST).is_file():
             return directory, json.loads((directory / MANIFEST).read_text())
     return None
 
 
-def find_resume_point(out_dir: str | Path, world_size: int, partition: list[int]) -> tuple[Path, dict]:
-    """The checkpoint ``run.resume`` continues from, checked against this launch (before any collective)."""
+def find_resume_point(cfg: Config, world_size: int, partition: list[int]) -> tuple[Path, dict]:
+    """The checkpoint ``run.resume`` continues from, checked against this launch before any collective: the
+    same world size, partition and settings, a step within run.steps, and every rank's file readable."""
+    out_dir = cfg.run.out_dir
     found = latest(out_dir)
     if found is None:
         raise ConfigError(f"run.resume: got true but {Path(out_dir) / 'checkpoints'} holds no complete checkpoint; "
@@ -75,6 +111,24 @@ def find_resume_point(out_dir: str | Path, world_size: int, partition: list[int]
         raise ConfigError(f"run.resume: {directory} was written by {manifest['world_size']} ranks with partition "
                           f"{manifest['partition']}; this launch has {world_size} ranks with {list(partition)}. "
                           "Resume with the same world size and pipeline.partition")
+    mine = config_fingerprint(cfg)
+    theirs = manifest.get("config", {})
+    changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"run.resume: {directory} was written with {k}={theirs.get(k)!r}; this launch has "
+                          f"{k}={mine.get(k)!r} ({len(changed)} setting(s) differ: {', '.join(changed[:5])}). Only "
+                          f"{', '.join(sorted(_RESUMABLE_CHANGES))} may change when resuming")
+    if manifest["step"] > cfg.run.steps:
+        raise ConfigError(f"run.resume: {directory} is after step {manifest['step']}, beyond run.steps="
+                          f"{cfg.run.steps}; set run.steps >= {manifest['step']}")
+    for r in range(world_size):
+        try:
+            with safe_open(directory / f"rank{r}.safetensors", framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+            raise ConfigError(f"run.resume: {directory / f'rank{r}.safetensors'} cannot be read ({e}); remove "
+                              f"{directory} to resume from the checkpoint before it") from None
     return directory, manifest
 
 

@@ -43,8 +43,8 @@ class RunConfig:
     """Write a checkpoint (adapters + AdamW state per rank, atomically) to out_dir/checkpoints/step_<S>/ every
     this many optimizer steps (0: none). single, ring and line runs."""
     resume: bool = False
-    """Continue from the newest complete checkpoint in out_dir (same world size and partition); the result equals
-    an uninterrupted run."""
+    """Continue from the newest complete checkpoint in out_dir (same world size, partition and settings except
+    run.steps and logging); the adapters and losses equal an uninterrupted run's."""
 
 
 @dataclass(kw_only=True)

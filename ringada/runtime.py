@@ -442,15 +442,18 @@ def train(cfg: Config) -> dict | None:
     check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
     data = load_run_data(cfg, read_config(cfg.model.path).vocab_size) if rank == 0 else None
     torch.manual_seed(cfg.run.seed)
-    # a resume point is checked by every rank before the first collective (a capacity plan: once it is agreed)
-    resume = checkpoint.find_resume_point(cfg.run.out_dir, world_size, topo.partition) \
-        if cfg.run.resume and not capacity else None
+    # a resume point is checked by every rank before the first collective (a capacity plan: once it is agreed);
+    # a fresh run clears an earlier run's checkpoints so that a later resume can only continue this one
+    resume = checkpoint.find_resume_point(cfg, world_size, topo.partition) if cfg.run.resume and not capacity \
+        else None
+    if not cfg.run.resume and rank == 0:
+        checkpoint.clear(cfg.run.out_dir)
     device = _init_distributed(topo)
     try:
         if capacity:
             topo = make_topology(cfg, rank, world_size, partition=_agree_on_capacity(cfg, rank, world_size))
             if cfg.run.resume:
-                resume = checkpoint.find_resume_point(cfg.run.out_dir, world_size, topo.partition)
+                resume = checkpoint.find_resume_point(cfg, world_size, topo.partition)
         return _train(cfg, topo, device, data, resume)
     finally:
         if topo.world_size > 1 and dist.is_initialized():
@@ -482,6 +485,11 @@ def _train(cfg: Config, topo: Topology, device: torch.device, data, resume: tupl
     L, M = rt.num_blocks, cfg.data.micro_batches
     lead = topo.is_initiator
     start = resume[1]["step"] if resume else 0
+    if cfg.run.resume:  # every rank must continue from the same step (out_dir seen alike by all of them)
+        agreed = rt.broadcast_ints([start] if lead else None, 1)[0]
+        if rt.all_reduce_sum([float(agreed != start)])[0]:
+            raise ConfigError(f"run.resume: the ranks found different checkpoints (rank 0: after step {agreed}); "
+                              "run.out_dir must be the same directory for every rank (a shared filesystem)")
     if lead:
         log.info("%s: %d ranks, blocks per rank %s, schedule %s, %d micro-batches%s", topo.mode, topo.world_size,
                  topo.partition, cfg.pipeline.schedule, M, f"; resuming after step {start}" if resume else "")
@@ -510,10 +518,11 @@ def _train(cfg: Config, topo: Topology, device: torch.device, data, resume: tupl
     tokens_total, train_s, loss, last_losses = 0, 0.0, float("nan"), []
     if resume:
         state = resume[1]
-        before, tokens_total, train_s, last_losses = (state["eval_before"], state["tokens"], state["train_s"],
-                                                      state["last_losses"])
-        unfreezer.plateaus, unfreezer.best, unfreezer.stale = (state["unfreezer"][k]
-                                                               for k in ("plateaus", "best", "stale"))
+        before, tokens_total, train_s, last_losses, loss = (state["eval_before"], state["tokens"],
+                                                            state["train_s"], state["last_losses"], state["loss"])
+        plateau = state["unfreezer"]
+        unfreezer.plateaus, unfreezer.stale = plateau["plateaus"], plateau["stale"]
+        unfreezer.best = math.inf if plateau["best"] is None else plateau["best"]
     else:
         before = evaluate() if n_eval else {}
     if lead and before:
@@ -555,10 +564,14 @@ def _train(cfg: Config, topo: Topology, device: torch.device, data, resume: tupl
             checkpoint.write_rank(out, step + 1, topo.rank, checkpoint.rank_tensors(rt.adapters, rt.optimizer))
             rt.all_reduce_sum([0.0])  # every rank's file is on disk before the manifest makes the checkpoint count
             if lead:
+                best = None if math.isinf(unfreezer.best) else unfreezer.best
                 checkpoint.write_manifest(out, step + 1, {
                     "step": step + 1, "world_size": topo.world_size, "partition": list(topo.partition),
-                    "tokens": tokens_total, "train_s": train_s, "last_losses": last_losses, "eval_before": before,
-                    "unfreezer": {"plateaus": unfreezer.plateaus, "best": unfreezer.best, "stale": unfreezer.stale}})
+                    "config": checkpoint.config_fingerprint(cfg), "loss": loss, "tokens": tokens_total,
+                    "train_s": train_s, "eval_before": before,
+                    # the plateau signal gathered since the last unfreezing check
+                    "last_losses": last_losses if cfg.unfreeze.by == "plateau" else [],
+                    "unfreezer": {"plateaus": unfreezer.plateaus, "best": best, "stale": unfreezer.stale}})
     bar.close()
     wall = time.perf_counter() - begin
     after = evaluate() if n_eval else {}

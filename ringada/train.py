@@ -146,12 +146,11 @@ class RunRecorder:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(config_mod.dump(cfg))
             path = self.out / "metrics.jsonl"
-            kept = []
-            if keep_steps is not None and path.is_file():
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", keep_steps) < keep_steps]
-            self._metrics = open(path, "w")
-            self._metrics.write("".join(line + "\n" for line in kept))
+            kept = _steps_before(path, keep_steps) if keep_steps is not None and path.is_file() else []
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)  # the earlier history is never lost half-way
+            self._metrics = open(path, "a")
 
     def step(self, record: dict) -> None:
         if self.enabled:
@@ -164,6 +163,18 @@ class RunRecorder:
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(self.out / "summary.json")
             self._metrics.close()
+
+
+def _steps_before(path: Path, step: int) -> list[str]:
+    """metrics.jsonl lines of steps before ``step`` (a line cut short by a crash is dropped)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", step) < step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    return kept
 
 
 def progress(total: int, enabled: bool):
