@@ -610,8 +610,7 @@ def evaluate_adapter(cfg: Config, adapter_dir: str | Path) -> dict:
     from dataclasses import replace
 
     from .adapters import load_adapter_file
-    from .data import load_dataset
-    from .models import load_tokenizer
+    from .train import load_split
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_model.safetensors").is_file():
@@ -627,12 +626,7 @@ def evaluate_adapter(cfg: Config, adapter_dir: str | Path) -> dict:
                           ".jsonl file)")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    eval_set = load_dataset(cfg.data.eval, "eval", task=cfg.model.task, seq_len=cfg.data.seq_len,
-                            tokenizer=load_tokenizer(cfg.model.path), num_labels=cfg.model.num_labels)
-    vocab = read_config(cfg.model.path).vocab_size
-    if int(eval_set.input_ids.max()) >= vocab:
-        raise ConfigError(f"data.eval: token id {int(eval_set.input_ids.max())} >= the model's vocab size {vocab}; "
-                          "use data tokenized for model.path")
+    eval_set = load_split(cfg, "eval", read_config(cfg.model.path).vocab_size)
     rt = PipelineRuntime(cfg, topo, torch.device("cpu"))
     state = load_adapter_file(adapter_dir)
     mine = rt.adapters.state_dict()

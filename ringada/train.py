@@ -193,14 +193,20 @@ class RunData:
     num_labels: int
 
 
+def load_split(cfg: Config, split: str, vocab_size: int, tokenizer=None) -> Dataset:
+    """data.train or data.eval (``split``), tokenized for model.path and checked against its vocabulary."""
+    tokenizer = tokenizer or load_tokenizer(cfg.model.path)
+    ds = load_dataset(getattr(cfg.data, split), split, task=cfg.model.task, seq_len=cfg.data.seq_len,
+                      tokenizer=tokenizer, num_labels=cfg.model.num_labels)
+    if int(ds.input_ids.max()) >= vocab_size:
+        raise ValueError(f"data.{split}: token id {int(ds.input_ids.max())} >= the model's vocab size {vocab_size}")
+    return ds
+
+
 def load_run_data(cfg: Config, vocab_size: int) -> RunData:
     tokenizer = load_tokenizer(cfg.model.path)
-    kw = dict(task=cfg.model.task, seq_len=cfg.data.seq_len, tokenizer=tokenizer, num_labels=cfg.model.num_labels)
-    train = load_dataset(cfg.data.train, "train", **kw)
-    eval_set = load_dataset(cfg.data.eval, "eval", **kw) if cfg.data.eval else None
-    for key, ds in (("data.train", train), ("data.eval", eval_set)):
-        if ds is not None and int(ds.input_ids.max()) >= vocab_size:
-            raise ValueError(f"{key}: token id {int(ds.input_ids.max())} >= the model's vocab size {vocab_size}")
+    train = load_split(cfg, "train", vocab_size, tokenizer)
+    eval_set = load_split(cfg, "eval", vocab_size, tokenizer) if cfg.data.eval else None
     if train.batches_per_epoch(cfg.data.batch_size) == 0:
         raise ValueError(f"data.batch_size: got {cfg.data.batch_size} but {cfg.data.train} has only {len(train)} "
                          f"sequences of data.seq_len={cfg.data.seq_len}; lower one of them")
