@@ -123,21 +123,36 @@ def polarity_examples(split: str) -> list[dict]:
     return [{"text": r["text"], "label": r["label"]} for r in rows if keep(r["_i"])]
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, key: str) -> list[dict]:
+    """The rows of a .jsonl file; errors name ``key`` (data.train / data.eval), the file and the line."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path, key).splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            raise ValueError(f"{key}: {path}:{n}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not ("text" in row or "input_ids" in row):
-            raise ValueError(f"{path}:{n}: expected an object with 'text' or 'input_ids'")
+            raise ValueError(f"{key}: {path}:{n}: expected an object with 'text' or 'input_ids'")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no examples")
+        raise ValueError(f"{key}: {path}: no examples")
     return rows
+
+
+def read_text(path: Path, key: str) -> str:
+    """A user file as UTF-8 text; errors name ``key`` and the file (ValueError, which the CLI reports)."""
+    if path.is_dir():
+        raise ValueError(f"{key}: {path}: is a directory; expected a .txt or .jsonl file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{key}: {path}: cannot be read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{key}: {path}: not UTF-8 text at byte {e.start}; save it as UTF-8") from None
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -186,7 +201,7 @@ def load_dataset(spec: str, split: str, *, task: str, seq_len: int, tokenizer=No
             docs = [_encode(tokenizer, _read(spec, key), key) + eos]
         elif spec.endswith(".jsonl"):
             docs = []
-            for row in read_jsonl(_path(spec, key)):
+            for row in read_jsonl(_path(spec, key), key):
                 docs.append(_ids(row, key) if "input_ids" in row else _encode(tokenizer, row["text"], key) + eos)
         else:
             raise ValueError(f"{key}: got {spec!r}; expected shakespeare, a .txt or a .jsonl file for causal_lm")
@@ -195,7 +210,7 @@ def load_dataset(spec: str, split: str, *, task: str, seq_len: int, tokenizer=No
     if spec == "polarity":
         rows = polarity_examples(split)
     elif spec.endswith(".jsonl"):
-        rows = read_jsonl(_path(spec, key))
+        rows = read_jsonl(_path(spec, key), key)
     else:
         raise ValueError(f"{key}: got {spec!r}; expected polarity or a .jsonl file with 'label' for classification")
     examples = []
@@ -214,13 +229,13 @@ def load_dataset(spec: str, split: str, *, task: str, seq_len: int, tokenizer=No
 
 def _path(spec: str, key: str) -> Path:
     path = Path(spec)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{key}: got {spec!r}; no such file")
     return path
 
 
 def _read(spec: str, key: str) -> str:
-    return _path(spec, key).read_text(encoding="utf-8")
+    return read_text(_path(spec, key), key)
 
 
 def _ids(row: dict, key: str) -> list[int]:

@@ -103,3 +103,38 @@ def test_eval_batches_spread_over_the_set(token_jsonl):
     few = ds.eval_batches(4, 2)
     assert [b.size for b in few] == [4, 4]
     assert torch.equal(few[0].input_ids[0], ds.input_ids[0]) and torch.equal(few[-1].input_ids[-1], ds.input_ids[-1])
+
+
+@pytest.mark.parametrize("name", ["bad.txt", "bad.jsonl"])
+def test_non_utf8_file_names_key_file_and_byte(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"ok\n\xff\xfe not utf-8\n")
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(path), "eval", task="causal_lm", seq_len=8)
+    assert str(err.value) == f"data.eval: {path}: not UTF-8 text at byte 3; save it as UTF-8"
+
+
+def test_bad_json_names_key_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"input_ids": [1, 2]}\n\n{"input_ids": [3,\n')
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(path), "train", task="causal_lm", seq_len=8)
+    assert str(err.value).startswith(f"data.train: {path}:3: not valid JSON (")
+
+
+def test_directory_and_unreadable_files_name_key_and_file(tmp_path, monkeypatch):
+    folder = tmp_path / "corpus.txt"
+    folder.mkdir()
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(folder), "train", task="causal_lm", seq_len=8)
+    assert str(err.value) == f"data.train: {folder}: is a directory; expected a .txt or .jsonl file"
+    path = tmp_path / "locked.jsonl"
+    path.write_text('{"input_ids": [1]}\n')
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(path), "read_bytes", refuse)  # root reads even a chmod 000 file
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(path), "eval", task="causal_lm", seq_len=8)
+    assert str(err.value) == f"data.eval: {path}: cannot be read (Permission denied)"
