@@ -17,8 +17,11 @@ which keeps the send buffers alive until then. On gloo, batched P2P (batch_isend
 from __future__ import annotations
 
 import logging
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -31,10 +34,11 @@ HEADER_LEN = 6 + 6 * MAX_TENSORS
 HEADER_BYTES = HEADER_LEN * 8
 MAX_MICRO_BATCHES = 4096
 
-# Message kinds (at most 7: the tag reserves 3 bits for them).
-ACT, GRAD, LABELS, ADAPTERS, TOP, TOP_GRAD, CONTROL = 1, 2, 3, 4, 5, 6, 7
+# Message kinds (at most 15: the tag reserves 4 bits for them).
+ACT, GRAD, LABELS, ADAPTERS, TOP, TOP_GRAD, CONTROL, CHECKPOINT, STATS = 1, 2, 3, 4, 5, 6, 7, 8, 9
 KIND_NAMES = {ACT: "activation", GRAD: "gradient", LABELS: "labels", ADAPTERS: "adapters", TOP: "top_hidden",
-              TOP_GRAD: "top_gradient", CONTROL: "control"}
+              TOP_GRAD: "top_gradient", CONTROL: "control", CHECKPOINT: "checkpoint", STATS: "stats"}
+_KIND_SLOTS = 16
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool,
            torch.float64]
@@ -43,8 +47,8 @@ _DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
 
 def tag_for(step: int, kind: int, micro_batch: int, part: int) -> int:
     """Unique per (step mod 64, kind, micro-batch, part); fits in a signed 32-bit tag."""
-    assert 0 <= micro_batch < MAX_MICRO_BATCHES and 0 <= part <= MAX_TENSORS
-    return ((((step % 64) * 8 + kind) * MAX_MICRO_BATCHES + micro_batch) * (MAX_TENSORS + 1)) + part
+    assert 0 <= micro_batch < MAX_MICRO_BATCHES and 0 <= part <= MAX_TENSORS and 0 < kind < _KIND_SLOTS
+    return ((((step % 64) * _KIND_SLOTS + kind) * MAX_MICRO_BATCHES + micro_batch) * (MAX_TENSORS + 1)) + part
 
 
 def encode_header(kind: int, step: int, micro_batch: int, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -77,6 +81,70 @@ def payload_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# ------------------------------------------------------------------------------------------ process groups, errors
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def start_world(rank: int, world_size: int, timeout_s: float, backend: str = "gloo") -> None:
+    """Join the default process group, every wait bounded by ``timeout_s`` (Note: restart store).
+
+    Note (restart store): under torchrun the workers share the agent's TCPStore, and a static or c10d
+    rendezvous keeps that store across ``--max-restarts`` restarts. torch 2.13 gives the workers no per-attempt
+    prefix, so a restarted rank read its peers' gloo addresses of the attempt before and connected to ports that
+    no longer listen (connection refused, or a wait with no deadline). Every attempt gets its own key space here.
+    """
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    if addr in LOOPBACK:
+        # One box: keep gloo's listening sockets on loopback unless the user chose an interface.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    timeout = timedelta(seconds=timeout_s)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(addr, port, world_size, is_master=not agent_store and rank == 0, timeout=timeout,
+                          multi_tenant=True)
+    attempt = f"ringada/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/" \
+              f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    dist.init_process_group(backend, store=dist.PrefixStore(attempt, store), rank=rank, world_size=world_size,
+                            timeout=timeout)
+
+
+def link_group(members: list[int], timeout_s: float):
+    """A process group of ``members`` only (every rank of the world must call this, in the same order), whose
+    failures stay inside it: a star keeps one per device so that a lost device breaks nothing else."""
+    return dist.new_group(members, timeout=timedelta(seconds=timeout_s))
+
+
+class PeerError(RuntimeError):
+    """An exchange with another rank failed or ran past run.timeout_s: names this rank, the peer, the step and
+    the action."""
+
+    def __init__(self, rank: int, peer: int | str, step: int, action: str, cause: BaseException | str,
+                 timeout_s: float | None = None):
+        self.rank, self.peer, self.step, self.action = rank, peer, step, action
+        text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+        if timed_out:
+            hint = (f"no answer within run.timeout_s={timeout_s:g} s; raise it if a step is really that slow"
+                    if timeout_s else "no answer in time")
+        else:
+            hint = "the peer's process or box is gone"
+        self.timed_out = timed_out
+        super().__init__(f"rank {rank}: {action} with rank {peer} at step {step} failed ({hint}): {text}")
+
+
+@contextmanager
+def collective(rank: int, action: str, step: int, timeout_s: float | None = None):
+    """Re-raise a failed collective as a PeerError naming this rank, the step and the action."""
+    try:
+        yield
+    except PeerError:
+        raise
+    except RuntimeError as e:
+        raise PeerError(rank, "any", step, action, e, timeout_s) from e
+
+
 @dataclass
 class Counters:
     bytes_sent: int = 0
@@ -86,6 +154,23 @@ class Counters:
     wait_s: float = 0.0  # time blocked waiting for data to arrive
     sent_by_kind: dict = field(default_factory=dict)  # kind name -> [messages, bytes]
     recv_by_kind: dict = field(default_factory=dict)
+
+    @classmethod
+    def total(cls, parts) -> Counters:
+        """The sum of several links' counters (a star server's)."""
+        out = cls()
+        for c in parts:
+            out.bytes_sent += c.bytes_sent
+            out.bytes_recv += c.bytes_recv
+            out.messages_sent += c.messages_sent
+            out.messages_recv += c.messages_recv
+            out.wait_s += c.wait_s
+            for mine, theirs in ((out.sent_by_kind, c.sent_by_kind), (out.recv_by_kind, c.recv_by_kind)):
+                for kind, (messages, nbytes) in theirs.items():
+                    entry = mine.setdefault(kind, [0, 0])
+                    entry[0] += messages
+                    entry[1] += nbytes
+        return out
 
     def add(self, direction: str, kind: int, nbytes: int) -> None:
         table = self.sent_by_kind if direction == "sent" else self.recv_by_kind
@@ -104,13 +189,17 @@ class Wire:
     """Point-to-point messages of one rank. ``sent_log`` records (kind, dst, step, mb) of every send."""
 
     def __init__(self, rank: int, world_size: int, device: torch.device | None = None, log_messages: bool = False,
-                 link_delay=None):
+                 link_delay=None, group=None, timeout_s: float | None = None):
         """``link_delay(nbytes) -> seconds``, when given, holds every received message until its send time plus
-        that delay (link emulation on one box: both ends share the clock)."""
+        that delay (link emulation on one box: both ends share the clock). ``group``: the process group the
+        messages travel in (default: the world); ``timeout_s`` only words errors (the group's own timeout bounds
+        every wait)."""
         self.link_delay = link_delay
         self.rank = rank
         self.world_size = world_size
         self.device = device or torch.device("cpu")
+        self.group = group
+        self.timeout_s = timeout_s
         self.counters = Counters()
         self.log_messages = log_messages
         self.sent_log: list[tuple[int, int, int, int]] = []
@@ -122,8 +211,12 @@ class Wire:
         assert dst != self.rank, "a rank never sends to itself"
         tensors = [t.detach().contiguous() for t in tensors]
         header = encode_header(kind, step, micro_batch, tensors)
-        for part, t in enumerate([header, *tensors]):
-            self._pending_sends.append((dist.isend(t, dst, tag=tag_for(step, kind, micro_batch, part)), t))
+        try:
+            for part, t in enumerate([header, *tensors]):
+                work = dist.isend(t, dst, group=self.group, tag=tag_for(step, kind, micro_batch, part))
+                self._pending_sends.append((work, t, dst, kind, step))
+        except RuntimeError as e:
+            raise self._error(dst, step, f"sending {KIND_NAMES[kind]} (mb {micro_batch})", e) from e
         self.counters.add("sent", kind, HEADER_BYTES + payload_bytes(tensors))
         if self.log_messages:
             self.sent_log.append((kind, dst, step, micro_batch))
@@ -134,21 +227,30 @@ class Wire:
         key = (src, kind, step, micro_batch)
         if key not in self._posted:
             header = torch.empty(HEADER_LEN, dtype=torch.int64)
-            self._posted[key] = (header, dist.irecv(header, src, tag=tag_for(step, kind, micro_batch, 0)))
+            try:
+                work = dist.irecv(header, src, group=self.group, tag=tag_for(step, kind, micro_batch, 0))
+            except RuntimeError as e:
+                raise self._error(src, step, f"receiving {KIND_NAMES[kind]} (mb {micro_batch})", e) from e
+            self._posted[key] = (header, work)
 
     def recv(self, src: int, kind: int, step: int, micro_batch: int) -> list[torch.Tensor]:
         self.expect(src, kind, step, micro_batch)
         header, work = self._posted.pop((src, kind, step, micro_batch))
         t0 = time.perf_counter()
-        work.wait()
-        got_kind, got_step, got_mb, specs = decode_header(header)
-        if (got_kind, got_step, got_mb) != (kind, step, micro_batch):
-            raise RuntimeError(f"rank {self.rank}: expected {KIND_NAMES[kind]} of step {step} mb {micro_batch} from "
-                               f"rank {src}, got {KIND_NAMES.get(got_kind, got_kind)} of step {got_step} mb {got_mb}")
-        tensors = [torch.empty(shape, dtype=dtype) for dtype, shape in specs]
-        works = [dist.irecv(t, src, tag=tag_for(step, kind, micro_batch, part + 1)) for part, t in enumerate(tensors)]
-        for w in works:
-            w.wait()
+        action = f"receiving {KIND_NAMES[kind]} (mb {micro_batch})"
+        try:
+            work.wait()
+            got_kind, got_step, got_mb, specs = decode_header(header)
+            if (got_kind, got_step, got_mb) != (kind, step, micro_batch):
+                raise RuntimeError(f"expected {KIND_NAMES[kind]} of step {step} mb {micro_batch}, got "
+                                   f"{KIND_NAMES.get(got_kind, got_kind)} of step {got_step} mb {got_mb}")
+            tensors = [torch.empty(shape, dtype=dtype) for dtype, shape in specs]
+            works = [dist.irecv(t, src, group=self.group, tag=tag_for(step, kind, micro_batch, part + 1))
+                     for part, t in enumerate(tensors)]
+            for w in works:
+                w.wait()
+        except RuntimeError as e:
+            raise self._error(src, step, action, e) from e
         nbytes = HEADER_BYTES + payload_bytes(tensors)
         if self.link_delay is not None:
             hold = int(header[5]) / 1e9 + self.link_delay(nbytes) - time.time()
@@ -160,10 +262,21 @@ class Wire:
 
     def flush(self) -> None:
         """Wait for every outstanding send (their buffers are kept alive until here)."""
-        for work, _ in self._pending_sends:
-            work.wait()
-        self._pending_sends.clear()
+        pending, self._pending_sends = self._pending_sends, []
+        for work, _, dst, kind, step in pending:
+            try:
+                work.wait()
+            except RuntimeError as e:
+                raise self._error(dst, step, f"sending {KIND_NAMES[kind]}", e) from e
         assert not self._posted, f"rank {self.rank}: expected messages never consumed: {list(self._posted)}"
+
+    def abandon(self) -> None:
+        """Forget every outstanding send and posted receive (the peer is gone; nothing will complete)."""
+        self._pending_sends.clear()
+        self._posted.clear()
+
+    def _error(self, peer: int, step: int, action: str, cause: BaseException) -> PeerError:
+        return PeerError(self.rank, peer, step, action, cause, self.timeout_s)
 
 
 def encode_names(names: list[str]) -> torch.Tensor:

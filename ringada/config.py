@@ -7,6 +7,9 @@ the value and what would work. Checks that need the model (its number of blocks)
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -40,11 +46,18 @@ class RunConfig:
     message_log: bool = False
     """Debug: each rank writes every point-to-point message it sent to out_dir/messages/rank<r>.json."""
     checkpoint_every: int = 0
-    """Write a checkpoint (adapters + AdamW state per rank, atomically) to out_dir/checkpoints/step_<S>/ every
-    this many optimizer steps (0: none). single, ring and line runs."""
-    resume: bool = False
-    """Continue from the newest complete checkpoint in out_dir (same world size, partition and settings except
-    run.steps and logging); the adapters and losses equal an uninterrupted run's."""
+    """single, ring and line: write a checkpoint (every block's adapters and AdamW state, the unfreezing state
+    and the counters; atomically, by the initiator) to out_dir/checkpoints/step_<S>/ every this many optimizer
+    steps (0: none). Star runs checkpoint at the end of every round and leave this at 0."""
+    resume: bool | Literal["auto"] = "auto"
+    """`auto`: continue from the newest complete checkpoint in out_dir when there is one, else start fresh;
+    `true`: continue, or fail when there is none; `false`: start over (deletes out_dir/checkpoints). A resumed
+    run ends with the adapters and losses of an uninterrupted one; it may run on another world size or
+    partition (checkpoints are keyed by block)."""
+    timeout_s: float = 300.0
+    """Deadline of every wait on another rank (process-group start, messages, collectives). A dead or silent
+    peer becomes an error naming this rank, the peer, the step and the action; a star server drops the device.
+    Raise it when one step (or, in sfl, a device's wait for its turn) legitimately takes longer."""
 
 
 @dataclass(kw_only=True)
@@ -102,6 +115,10 @@ class OptimConfig:
     """AdamW epsilon."""
     grad_clip: float = 0.0
     """Clip the global gradient norm (over all ranks) to this value; 0 turns clipping off."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN or Inf loss or gradient norm on any rank: `stop` ends the run (non-zero exit) before any update,
+    leaving the last finite adapters and a checkpoint; `skip` drops that step's update on every rank and counts
+    it in summary.json."""
 
 
 @dataclass(kw_only=True)
@@ -233,6 +250,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# A plain decimal or scientific number: what a float key accepts as a string (no inf, nan, hex or underscores).
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -266,11 +287,20 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: got {value!r}; expected an integer")
+            hint = ""
+            if isinstance(value, str) and _NUMBER.fullmatch(value) and math.isfinite(float(value)) \
+                    and float(value).is_integer():
+                hint = f" (write {int(float(value))})"
+            raise ConfigError(f"{key}: got {value!r}; expected an integer{hint}")
         return value
     if tp is float:
+        # YAML 1.1 (PyYAML) reads 1e-3, 1E4 and 1.0e3 as strings (its floats need a dot and a signed exponent)
+        if isinstance(value, str) and _NUMBER.fullmatch(value):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: got {value!r}; expected a number")
+        if not math.isfinite(value):  # .inf, .nan or 1e999: always a typo, and .inf would pass "> 0" checks
+            raise ConfigError(f"{key}: got {value!r}; expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -339,11 +369,42 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not isinstance(target, dict):
             raise ConfigError(f"--set {text!r}: section {section} is not a mapping in the config file")
         target[key] = value
-    return from_dict(raw)
+    cfg = from_dict(raw)
+    unused = unused_keys(raw, cfg)
+    if unused:
+        log.warning("%s %s not used by pipeline.mode=%r; %s ignored", ", ".join(unused),
+                    "is" if len(unused) == 1 else "are", cfg.pipeline.mode, "it is" if len(unused) == 1 else "they are")
+    return cfg
 
 
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# Per mode, the keys whose value cannot change what it does: neither its runtime nor `ringada simulate` / `plan`
+# reads them, or validate() allows only the one value the mode runs with. Not listed because they do act:
+# pipeline.schedule in single (the order of its micro-batches, so their peak memory), pipeline.profile in single
+# and star.profile in sfl (`ringada simulate` takes the speeds from them).
+_PIPELINE_KEYS = ("pipeline.schedule", "pipeline.partition", "pipeline.profile", "pipeline.early_stop",
+                  "pipeline.emulate", "unfreeze.*")  # star modes train every adapter from the first step
+UNUSED_BY_MODE: dict[str, tuple[str, ...]] = {
+    "single": ("star.*", "compress.*", "pipeline.partition", "pipeline.emulate"),
+    "ring": ("star.*", "compress.*"),
+    "line": ("star.*", "compress.*"),
+    "sfl": (*_PIPELINE_KEYS, "star.allocate", "star.error_budget"),  # allocation plans sft rounds only
+    "sft": (*_PIPELINE_KEYS, "star.schedule", "star.server_copies"),  # sft serves all devices as one batch
+}
+
+
+def unused_keys(raw: dict[str, Any], cfg: Config) -> list[str]:
+    """Sorted ``section.key`` names given in ``raw`` (the file plus --set) with a value other than the default
+    that cfg's pipeline.mode ignores. (A run's own config.yaml lists every key; its defaults say nothing.)"""
+    ignored = UNUSED_BY_MODE[cfg.pipeline.mode]
+    defaults = Config().to_dict()
+    given = [(section, key) for section, values in raw.items() if isinstance(values, dict) for key in values]
+    return sorted(f"{section}.{key}" for section, key in given
+                  if (f"{section}.{key}" in ignored or f"{section}.*" in ignored)
+                  and getattr(getattr(cfg, section), key) != defaults[section][key])
 
 
 # ------------------------------------------------------------------------------------------------- validation
@@ -365,10 +426,10 @@ def validate(cfg: Config) -> None:
     _require(run.threads >= 0, f"run.threads: got {run.threads}; expected >= 0 (0: default)")
     _require(run.checkpoint_every >= 0, f"run.checkpoint_every: got {run.checkpoint_every}; expected >= 0 (0: none)")
     if pipe.mode in ("sfl", "sft"):
-        _require(not run.checkpoint_every and not run.resume,
-                 f"run.checkpoint_every / run.resume: got {run.checkpoint_every} / {run.resume} with pipeline.mode="
-                 f"{pipe.mode!r}; checkpoints cover single, ring and line runs (a star run saves its global "
-                 "adapter every round under out_dir/rounds/)")
+        _require(not run.checkpoint_every,
+                 f"run.checkpoint_every: got {run.checkpoint_every} with pipeline.mode={pipe.mode!r}; star runs "
+                 "checkpoint at the end of every round (set it to 0)")
+    _require(run.timeout_s > 0, f"run.timeout_s: got {run.timeout_s}; expected seconds > 0, e.g. 300")
     _require(bool(run.out_dir), "run.out_dir: got ''; expected a directory path")
 
     if model.task == "classification":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +24,16 @@ import torch.distributed as dist
 from . import checkpoint
 from . import config as config_mod
 from . import schedule as sched
-from .adapters import add_adapters, check_target_modules, save_adapters
-from .comm import ACT, ADAPTERS, GRAD, KIND_NAMES, LABELS, Counters, Wire, pack_state, unpack_state
+from .adapters import add_adapters, check_target_modules
+from .comm import (ACT, ADAPTERS, CHECKPOINT, GRAD, KIND_NAMES, LABELS, Counters, Wire, collective, decode_names,
+                   encode_names, pack_state, unpack_state)
 from .config import Config, ConfigError
 from .data import Batch
 from .models import load_model, num_blocks_of, read_config, resolve_model_dir
 from .partition import block_ranges, check_memory, even_partition, head_cost_in_blocks, plan_capacity
-from .train import (RunRecorder, Unfreezer, clip_coefficient, correct_count, eval_record, input_tokens,
-                    load_run_data, loss_sum, make_optimizer, peak_rss_bytes, progress, run_blocks)
+from .driver import Trainer, UnitResult
+from .train import (Unfreezer, clip_coefficient, correct_count, eval_record, input_tokens, load_run_data, loss_sum,
+                    make_optimizer, peak_rss_bytes, run_blocks)
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,6 @@ class Topology:
     @property
     def head_rank(self) -> int:
         return next(s.rank for s in self.stages if s.has_head)
-
-
-def world_from_env() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def make_topology(cfg: Config, rank: int, world_size: int, partition: list[int] | None = None) -> Topology:
@@ -138,6 +135,7 @@ class StepStats:
     loss: float = 0.0  # sum of this rank's scaled micro-batch losses (train) or loss sums (eval)
     count: int = 0
     correct: int = 0
+    nonfinite_mb: int = -1  # the first micro-batch whose loss was NaN or Inf (head rank), or -1
 
 
 class PipelineRuntime:
@@ -162,7 +160,7 @@ class PipelineRuntime:
             self.slowdown = emulated_slowdown(profile.speed(profile.devices[topo.rank].gflops))
             link_delay = profile.link_seconds
         self.wire = Wire(topo.rank, topo.world_size, device, log_messages=cfg.run.message_log,
-                         link_delay=link_delay) if topo.world_size > 1 else None
+                         link_delay=link_delay, timeout_s=cfg.run.timeout_s) if topo.world_size > 1 else None
         self.timers = RankTimers()
         self._plans: dict[tuple, sched.Plan] = {}
 
@@ -183,19 +181,21 @@ class PipelineRuntime:
         return self._plans[key]
 
     # -- control plane
-    def broadcast_ints(self, values: list[int] | None, length: int) -> list[int]:
+    def broadcast_ints(self, values: list[int] | None, length: int, step: int) -> list[int]:
         """Rank 0's ``values`` on every rank (a tensor broadcast; identity in one process)."""
         if self.topo.world_size == 1:
             return list(values)
         t = torch.tensor(values if values is not None else [0] * length, dtype=torch.int64)
-        dist.broadcast(t, src=0)
+        with collective(self.topo.rank, "receiving the initiator's step plan", step, self.cfg.run.timeout_s):
+            dist.broadcast(t, src=0)
         return t.tolist()
 
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
+    def all_reduce_sum(self, values: list[float], step: int, action: str) -> list[float]:
         if self.topo.world_size == 1:
             return values
         t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
+        with collective(self.topo.rank, action, step, self.cfg.run.timeout_s):
+            dist.all_reduce(t)
         return t.tolist()
 
     # -- the executor
@@ -226,6 +226,8 @@ class PipelineRuntime:
                                              plan, micro, labels, total, inputs, masks, outputs, losses)
                     stats.loss += stats_mb[0]
                     stats.correct += stats_mb[1]
+                    if stats.nonfinite_mb < 0 and not math.isfinite(stats_mb[0]):
+                        stats.nonfinite_mb = a.mb
                     self._emulate(t0)
                     if train:
                         self.timers.fwd_s += time.perf_counter() - t0
@@ -291,6 +293,8 @@ class PipelineRuntime:
 
     # -- one global batch
     def train_step(self, step: int, frontier: int, batch: Batch | None, micro_batches: int) -> dict:
+        """Forward and backward of one global batch, then (when every rank's loss and gradient norm are finite)
+        clipping and the optimizer step. Returns the loss, the global gradient norm and a non-finite report."""
         cpu0, sent0 = time.process_time(), self.wire.counters.bytes_sent if self.wire else 0
         self.adapters.set_frontier(frontier)
         if self.optimizer is not None:
@@ -299,18 +303,44 @@ class PipelineRuntime:
         stats = self._run_batch(plan, step, True, batch, micro_batches)
         grads = [p.grad for p in self.adapters.trainable() if p.grad is not None]
         local_sq = sum(float(g.double().pow(2).sum()) for g in grads)
-        loss, count, correct, global_sq = self.all_reduce_sum([stats.loss, stats.count, stats.correct, local_sq])
+        # every rank's verdict travels in the same all_reduce as the loss, so all ranks decide alike
+        W, r = self.topo.world_size, self.topo.rank
+        flags = [0.0] * (2 * W)
+        flags[r] = stats.nonfinite_mb + 1.0
+        flags[W + r] = float(not math.isfinite(local_sq))
+        loss, count, correct, global_sq, *flags = self.all_reduce_sum(
+            [stats.loss, stats.count, stats.correct, local_sq, *flags], step, "summing the step's loss and gradient norm")
+        nonfinite = self._nonfinite(step, loss, global_sq, flags)
         t0 = time.perf_counter()
-        if self.cfg.optim.grad_clip > 0:
-            coef = clip_coefficient(global_sq, self.cfg.optim.grad_clip)
-            for g in grads:
-                g.mul_(coef)
-        if self.optimizer is not None:
-            self.optimizer.step()
+        if nonfinite:
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)  # no update, no optimizer state touched
+        else:
+            if self.cfg.optim.grad_clip > 0:
+                coef = clip_coefficient(global_sq, self.cfg.optim.grad_clip)
+                for g in grads:
+                    g.mul_(coef)
+            if self.optimizer is not None:
+                self.optimizer.step()
         self.timers.step_s += time.perf_counter() - t0
         self.timers.train_cpu_s += time.process_time() - cpu0
         self.timers.train_bytes_sent += (self.wire.counters.bytes_sent if self.wire else 0) - sent0
-        return {"loss": loss, "grad_norm": math.sqrt(global_sq)}
+        return {"loss": loss, "grad_norm": math.sqrt(global_sq) if global_sq >= 0 else math.nan,
+                "nonfinite": nonfinite}
+
+    def _nonfinite(self, step: int, loss: float, global_sq: float, flags: list[float]) -> str | None:
+        """Name the first rank and micro-batch with a non-finite loss or gradient norm, or None."""
+        W = self.topo.world_size
+        for r in range(W):
+            if flags[r] > 0:
+                return f"non-finite loss ({loss}) at step {step} micro-batch {int(flags[r]) - 1} on rank {r}"
+        for r in range(W):
+            if flags[W + r] > 0:
+                lo, hi = block_ranges(self.topo.partition)[r]
+                return f"non-finite gradient norm at step {step} on rank {r} (blocks {lo}..{hi - 1})"
+        if not (math.isfinite(loss) and math.isfinite(global_sq)):
+            return f"non-finite loss ({loss}) or gradient norm ({global_sq}) at step {step}"
+        return None
 
     @torch.no_grad()
     def eval_batch(self, index: int, batch: Batch | None, micro_batches: int) -> StepStats:
@@ -342,19 +372,38 @@ class PipelineRuntime:
         mask = batch.attention_mask.to(self.device) if batch.attention_mask is not None else None
         return Batch(batch.input_ids.to(self.device), batch.labels.to(self.device), mask)
 
-    # -- adapters to the initiator
-    def gather_adapters(self, tag_step: int) -> dict[str, torch.Tensor] | None:
-        state = self.adapters.state_dict()
+    # -- tensors to and from the initiator (adapters, checkpoints)
+    def gather_tensors(self, tensors: dict[str, torch.Tensor], kind: int = CHECKPOINT
+                       ) -> dict[str, torch.Tensor] | None:
+        """Every rank's named tensors merged on the initiator (None elsewhere)."""
+        state = {k: v.detach().clone() for k, v in tensors.items()}
         if self.topo.world_size == 1:
             return state
         if self.topo.is_initiator:
             for src in range(1, self.topo.world_size):
-                state.update(unpack_state(self.wire.recv(src, ADAPTERS, tag_step, 0)))
+                state.update(unpack_state(self.wire.recv(src, kind, 0, 0)))
             self.wire.flush()
             return state
-        self.wire.send(0, ADAPTERS, tag_step, 0, pack_state(state))
+        self.wire.send(0, kind, 0, 0, pack_state(state))
         self.wire.flush()
         return None
+
+    def scatter_tensors(self, tensors: dict[str, torch.Tensor] | None, keys) -> dict[str, torch.Tensor]:
+        """From the initiator's checkpoint ``tensors``, the adapters named ``keys`` (those this rank holds now,
+        whatever partition wrote them) with their AdamW state: each rank asks for its names and gets those."""
+        keys = sorted(keys)
+        if self.topo.world_size == 1:
+            return checkpoint.select(tensors, keys)
+        if self.topo.is_initiator:
+            for dst in range(1, self.topo.world_size):
+                wanted = decode_names(self.wire.recv(dst, CHECKPOINT, 1, 0)[0])
+                self.wire.send(dst, CHECKPOINT, 2, 0, pack_state(checkpoint.select(tensors, wanted)))
+            self.wire.flush()
+            return checkpoint.select(tensors, keys)
+        self.wire.send(0, CHECKPOINT, 1, 0, [encode_names(keys)])
+        mine = unpack_state(self.wire.recv(0, CHECKPOINT, 2, 0))
+        self.wire.flush()
+        return mine
 
     def rank_summary(self) -> list[dict]:
         """Every rank's timers and counters, gathered on every rank."""
@@ -382,226 +431,188 @@ def emulated_slowdown(speed: float) -> float:
     return max(0.0, 1.0 / speed - 1.0)
 
 
-def gather_rank_rows(world_size: int, own: dict, counters: Counters) -> list[dict]:
-    """All ranks' rows (a float64 tensor all_gather, no objects): ``own`` (numbers, and ``blocks`` [lo, hi]) plus
-    wait time, bytes and messages per direction and kind, peak RSS, and the process's CPU time so far (all threads,
-    gloo's included: beside ``fwd_s`` + ``bwd_s`` it shows how much CPU the rank spent outside compute)."""
+def rank_row(own: dict, counters: Counters) -> torch.Tensor:
+    """One rank's row as a float64 tensor (no objects on the wire): ``own`` (numbers, and ``blocks`` [lo, hi])
+    plus wait time, bytes and messages per direction and kind, peak RSS, and the process's CPU time so far (all
+    threads, gloo's included: beside ``fwd_s`` + ``bwd_s`` it shows how much CPU the rank spent outside
+    compute)."""
     kinds = list(KIND_NAMES.values())
-    scalars = {**{k: v for k, v in own.items() if k != "blocks"}, "lo": own["blocks"][0], "hi": own["blocks"][1],
-               "wait_s": counters.wait_s, "bytes_sent": counters.bytes_sent, "bytes_recv": counters.bytes_recv,
-               "peak_rss_bytes": peak_rss_bytes(), "cpu_s": time.process_time(), "messages_sent": counters.messages_sent,
-               "messages_recv": counters.messages_recv}
+    scalars = [v for k, v in own.items() if k != "blocks"] + list(own["blocks"]) + [
+        counters.wait_s, counters.bytes_sent, counters.bytes_recv, peak_rss_bytes(), time.process_time(),
+        counters.messages_sent, counters.messages_recv]
     per_kind = [v for table in (counters.sent_by_kind, counters.recv_by_kind) for k in kinds
                 for v in table.get(k, [0, 0])]
-    mine = torch.tensor(list(scalars.values()) + per_kind, dtype=torch.float64)
+    return torch.tensor(scalars + per_kind, dtype=torch.float64)
+
+
+def decode_row(row: torch.Tensor, own_keys: list[str]) -> dict:
+    """The dict of :func:`rank_row` (``own_keys``: the keys of ``own``, in order)."""
+    kinds = list(KIND_NAMES.values())
+    names = [k for k in own_keys if k != "blocks"] + ["lo", "hi", "wait_s", "bytes_sent", "bytes_recv",
+                                                       "peak_rss_bytes", "cpu_s", "messages_sent", "messages_recv"]
+    values = row.tolist()
+    d = {k: (v if k.endswith("_s") else int(v)) for k, v in zip(names, values)}
+    d["blocks"] = [d.pop("lo"), d.pop("hi")]
+    tail = [int(v) for v in values[len(names):]]
+    for i, direction in enumerate(("sent", "recv")):
+        d[f"{direction}_by_kind"] = {k: {"messages": tail[(i * len(kinds) + j) * 2],
+                                         "bytes": tail[(i * len(kinds) + j) * 2 + 1]} for j, k in enumerate(kinds)}
+    return d
+
+
+def gather_rank_rows(world_size: int, own: dict, counters: Counters) -> list[dict]:
+    """All ranks' rows (:func:`rank_row`), gathered on every rank with one all_gather."""
+    mine = rank_row(own, counters)
     rows = [mine]
     if world_size > 1:
         rows = [torch.zeros_like(mine) for _ in range(world_size)]
         dist.all_gather(rows, mine)
-    result = []
-    for row in rows:
-        values = row.tolist()
-        d = {k: (v if k.endswith("_s") else int(v)) for k, v in zip(scalars, values)}
-        d["blocks"] = [d.pop("lo"), d.pop("hi")]
-        tail = [int(v) for v in values[len(scalars):]]
-        for i, direction in enumerate(("sent", "recv")):
-            d[f"{direction}_by_kind"] = {k: {"messages": tail[(i * len(kinds) + j) * 2],
-                                             "bytes": tail[(i * len(kinds) + j) * 2 + 1]}
-                                         for j, k in enumerate(kinds)}
-        result.append(d)
-    return result
+    return [decode_row(row, list(own)) for row in rows]
 
 
-# ------------------------------------------------------------------------------------------------- the driver
+class PipelineJob:
+    """A pipeline run on this rank before its process group exists: the topology and (initiator) the data,
+    every user mistake already checked."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        # A capacity plan is measured on the initiator once the group exists, then agreed on (see build).
+        self.capacity = cfg.pipeline.partition == "capacity" and cfg.pipeline.mode != "single"
+        self.cfg = cfg
+        self.topo = make_topology(cfg, rank, world_size, partition=[0] * world_size if self.capacity else None)
+        check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
+        self.data = load_run_data(cfg, read_config(cfg.model.path).vocab_size) if rank == 0 else None
+        self.is_lead = self.topo.is_initiator
+
+    def build(self, refusal: ConfigError | None) -> PipelineTrainer:
+        """Collective: agree on the lead's resume decision (and a capacity plan), then load this rank's slice."""
+        cfg, topo = self.cfg, self.topo
+        if topo.world_size > 1:
+            plan = [-1] * topo.world_size
+            if topo.is_initiator and refusal is None:
+                try:
+                    plan = _capacity_plan(cfg, topo.world_size) if self.capacity else list(topo.partition)
+                except ValueError as e:
+                    refusal = ConfigError(str(e))
+            t = torch.tensor(plan, dtype=torch.int64)
+            with collective(topo.rank, "agreeing on the partition and the resume point", 0, cfg.run.timeout_s):
+                dist.broadcast(t, src=0)
+            if refusal is not None:
+                raise refusal
+            if int(t[0]) < 0:
+                raise ConfigError("rank 0 refused to start (a resume that does not fit, or no capacity plan); "
+                                  "its log names the setting")
+            if self.capacity:
+                self.topo = topo = make_topology(cfg, topo.rank, topo.world_size, partition=t.tolist())
+        elif refusal is not None:
+            raise refusal
+        return PipelineTrainer(cfg, topo, torch.device("cpu"), self.data)
 
 
-def _init_distributed(topo: Topology) -> torch.device:
-    """gloo on CPU tensors. (The wire relies on P2P tags and pre-posted receives, which NCCL does not honour;
-    GPU placement is not supported in this version.)"""
-    if topo.world_size == 1:
-        return torch.device("cpu")
-    if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"):
-        # One box: keep gloo's listening sockets on loopback unless the user chose an interface.
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(backend="gloo")
-    return torch.device("cpu")
+def _capacity_plan(cfg: Config, world_size: int) -> list[int]:
+    plan, details = plan_capacity(cfg, world_size)
+    log.info("capacity partition %s: max blocks per rank %s, stage seconds %s", plan, details["max_blocks"],
+             [round(t, 3) for t in details["stage_s"]])
+    return plan
 
 
-def train(cfg: Config) -> dict | None:
-    """Train with the world torchrun gave us (or one process). Returns the summary on rank 0.
+class PipelineTrainer(Trainer):
+    """single, ring and line under the shared driver: a unit is one optimizer step. The initiator owns the
+    data and the unfreezing schedule and broadcasts each step's frontier; every rank then runs the same plan."""
 
-    Everything a user can get wrong is checked before the process group starts: the config, the partition, the
-    LoRA target names and (on the initiator, which owns the data) the data. A capacity partition is the one
-    exception in part: rank 0 measures and plans it, then broadcasts it, so all ranks (on any machine) agree.
-    """
-    rank, world_size = world_from_env()
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    capacity = cfg.pipeline.partition == "capacity" and cfg.pipeline.mode != "single"
-    topo = make_topology(cfg, rank, world_size, partition=[0] * world_size if capacity else None)
-    check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
-    data = load_run_data(cfg, read_config(cfg.model.path).vocab_size) if rank == 0 else None
-    torch.manual_seed(cfg.run.seed)
-    # a resume point is checked by every rank before the first collective (a capacity plan: once it is agreed);
-    # a fresh run clears an earlier run's checkpoints so that a later resume can only continue this one
-    resume = checkpoint.find_resume_point(cfg, world_size, topo.partition) if cfg.run.resume and not capacity \
-        else None
-    if not cfg.run.resume and rank == 0:
-        checkpoint.clear(cfg.run.out_dir)
-    device = _init_distributed(topo)
-    try:
-        if capacity:
-            topo = make_topology(cfg, rank, world_size, partition=_agree_on_capacity(cfg, rank, world_size))
-            if cfg.run.resume:
-                resume = checkpoint.find_resume_point(cfg, world_size, topo.partition)
-        return _train(cfg, topo, device, data, resume)
-    finally:
-        if topo.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    def __init__(self, cfg: Config, topo: Topology, device: torch.device, data):
+        self.cfg, self.topo, self.data = cfg, topo, data
+        self.rt = rt = PipelineRuntime(cfg, topo, device)
+        self.is_lead, self.mode, self.world_size = topo.is_initiator, topo.mode, topo.world_size
+        self.steps_per_unit, self.checkpoint_every = 1, cfg.run.checkpoint_every
+        self.adapter_config = rt.adapters.config_json
+        self.unfreezer = Unfreezer(cfg.unfreeze, rt.num_blocks)
+        self.last_losses: list[float] = []  # the plateau signal gathered since the last unfreezing check
+        lead, M = self.is_lead, cfg.data.micro_batches
+        # Eval batch sizes are only known to the initiator; every rank needs them to build the same plans.
+        self.eval_batches = data.eval.eval_batches(cfg.data.batch_size, cfg.run.eval_batches) \
+            if lead and data.eval else []
+        n_eval = rt.broadcast_ints([len(self.eval_batches)] if lead else None, 1, step=0)[0]
+        self.eval_micro = rt.broadcast_ints([min(M, b.size) for b in self.eval_batches] if lead else None, n_eval,
+                                            step=0) if n_eval else []
+        self.has_eval = n_eval > 0
+        if lead:
+            log.info("%s: %d ranks, blocks per rank %s, schedule %s, %d micro-batches", topo.mode, topo.world_size,
+                     topo.partition, cfg.pipeline.schedule, M)
 
+    def start(self, resume) -> int | None:
+        rt = self.rt
+        step = rt.broadcast_ints([resume[0] if resume else -1] if self.is_lead else None, 1, step=0)[0]
+        if step < 0:
+            return None
+        tensors = None
+        if self.is_lead:
+            _, tensors, state = resume
+            plateau = state["unfreezer"]
+            self.unfreezer.plateaus, self.unfreezer.stale = plateau["plateaus"], plateau["stale"]
+            self.unfreezer.best = math.inf if plateau["best"] is None else plateau["best"]
+            self.last_losses = list(state["last_losses"])
+        mine = rt.scatter_tensors(tensors, [p.key for p in rt.adapters.params])
+        checkpoint.load_adapter_tensors(mine, rt.adapters, rt.optimizer)
+        return step
 
-def _agree_on_capacity(cfg: Config, rank: int, world_size: int) -> list[int]:
-    plan = [-1] * world_size
-    error = None
-    if rank == 0:
-        try:
-            plan, details = plan_capacity(cfg, world_size)
-            log.info("capacity partition %s: max blocks per rank %s, stage seconds %s", plan, details["max_blocks"],
-                     [round(t, 3) for t in details["stage_s"]])
-        except ValueError as e:
-            error = e
-    t = torch.tensor(plan, dtype=torch.int64)
-    dist.broadcast(t, src=0)
-    if error is not None:
-        raise ConfigError(str(error))
-    if int(t[0]) < 0:
-        raise ConfigError("pipeline.partition: rank 0 could not plan a capacity partition (see its error)")
-    return t.tolist()
-
-
-def _train(cfg: Config, topo: Topology, device: torch.device, data, resume: tuple[Path, dict] | None = None
-           ) -> dict | None:
-    rt = PipelineRuntime(cfg, topo, device)
-    L, M = rt.num_blocks, cfg.data.micro_batches
-    lead = topo.is_initiator
-    start = resume[1]["step"] if resume else 0
-    if cfg.run.resume:  # every rank must continue from the same step (out_dir seen alike by all of them)
-        agreed = rt.broadcast_ints([start] if lead else None, 1)[0]
-        if rt.all_reduce_sum([float(agreed != start)])[0]:
-            raise ConfigError(f"run.resume: the ranks found different checkpoints (rank 0: after step {agreed}); "
-                              "run.out_dir must be the same directory for every rank (a shared filesystem)")
-    if lead:
-        log.info("%s: %d ranks, blocks per rank %s, schedule %s, %d micro-batches%s", topo.mode, topo.world_size,
-                 topo.partition, cfg.pipeline.schedule, M, f"; resuming after step {start}" if resume else "")
-    recorder = RunRecorder(cfg, enabled=lead, keep_steps=start if resume else None)
-    out = Path(cfg.run.out_dir)
-    init_state = rt.gather_adapters(tag_step=0)
-    if lead:
-        save_adapters(out / "adapter_init", init_state, rt.adapters.config_json)
-    if resume:
-        checkpoint.load_rank(resume[0], topo.rank, rt.adapters, rt.optimizer)
-
-    # Eval batch sizes are only known to the initiator; every rank needs them to build the same plans.
-    eval_batches = data.eval.eval_batches(cfg.data.batch_size, cfg.run.eval_batches) if lead and data.eval else []
-    n_eval = rt.broadcast_ints([len(eval_batches)] if lead else None, 1)[0]
-    eval_micro = rt.broadcast_ints([min(M, b.size) for b in eval_batches] if lead else None, n_eval) if n_eval else []
-
-    def evaluate() -> dict:
+    def evaluate(self) -> dict:
         loss, count, correct = 0.0, 0, 0
-        for j in range(n_eval):
-            s = rt.eval_batch(j, eval_batches[j] if lead else None, eval_micro[j])
+        for j in range(len(self.eval_micro)):
+            s = self.rt.eval_batch(j, self.eval_batches[j] if self.is_lead else None, self.eval_micro[j])
             loss, count, correct = loss + s.loss, count + s.count, correct + s.correct
-        loss, count, correct = rt.all_reduce_sum([loss, count, correct])
-        return eval_record(loss, int(count), int(correct), cfg.model.task)
+        loss, count, correct = self.rt.all_reduce_sum([loss, count, correct], step=-1, action="summing eval losses")
+        return eval_record(loss, int(count), int(correct), self.cfg.model.task)
 
-    unfreezer = Unfreezer(cfg.unfreeze, L)
-    tokens_total, train_s, loss, last_losses = 0, 0.0, float("nan"), []
-    if resume:
-        state = resume[1]
-        before, tokens_total, train_s, last_losses, loss = (state["eval_before"], state["tokens"],
-                                                            state["train_s"], state["last_losses"], state["loss"])
-        plateau = state["unfreezer"]
-        unfreezer.plateaus, unfreezer.stale = plateau["plateaus"], plateau["stale"]
-        unfreezer.best = math.inf if plateau["best"] is None else plateau["best"]
-    else:
-        before = evaluate() if n_eval else {}
-    if lead and before:
-        log.info("eval before training: %s", _fmt(before))
-    begin = time.perf_counter()
-    bar = progress(cfg.run.steps, enabled=lead)
-    bar.update(start)
-    for step in range(start, cfg.run.steps):
-        t0 = time.perf_counter()
-        epoch, batch = data.train.batch_at(step, cfg.data.batch_size, cfg.data.shuffle, cfg.run.seed) if lead \
-            else (0, None)
-        trainable = unfreezer.trainable(step, epoch) if lead else 0
-        epoch, trainable = rt.broadcast_ints([epoch, trainable] if lead else None, 2)
-        result = rt.train_step(step, L - trainable, batch, M)
-        train_s += time.perf_counter() - t0
-        loss = result["loss"]
-        last_losses.append(loss)
-        record = None
-        if lead:
-            tokens_total += input_tokens(batch)
-            record = {"step": step, "loss": loss, "trainable_blocks": trainable, "frontier": L - trainable,
-                      "epoch": epoch, "tokens": tokens_total, "elapsed_s": time.perf_counter() - begin,
-                      "grad_norm": result["grad_norm"]}
-        if n_eval and cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
-            ev = evaluate()
-            if lead:
-                record.update(ev)
+    def train_unit(self, step: int) -> UnitResult:
+        cfg, rt, lead, L = self.cfg, self.rt, self.is_lead, self.rt.num_blocks
+        epoch, batch = self.data.train.batch_at(step, cfg.data.batch_size, cfg.data.shuffle, cfg.run.seed) \
+            if lead else (0, None)
+        trainable = self.unfreezer.trainable(step, epoch) if lead else 0
+        epoch, trainable = rt.broadcast_ints([epoch, trainable] if lead else None, 2, step=step)
+        result = rt.train_step(step, L - trainable, batch, cfg.data.micro_batches)
+        loss, nonfinite = result["loss"], result["nonfinite"]
+        if not nonfinite:
+            self.last_losses.append(loss)
         if cfg.unfreeze.by == "plateau" and cfg.unfreeze.every and (step + 1) % cfg.unfreeze.every == 0:
-            signal = evaluate()["eval_loss"] if n_eval else sum(last_losses) / len(last_losses)
-            unfreezer.observe(signal)
-            last_losses = []
-        if lead:
-            recorder.step(record)
-            bar.update(1)
-            if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.run.steps:
-                log.info("step %d/%d loss %.4f trainable %d/%d frontier %d tokens/s %.0f", step + 1, cfg.run.steps,
-                         loss, trainable, L, L - trainable, tokens_total / max(train_s, 1e-9))
-        if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
-            checkpoint.write_rank(out, step + 1, topo.rank, checkpoint.rank_tensors(rt.adapters, rt.optimizer))
-            rt.all_reduce_sum([0.0])  # every rank's file is on disk before the manifest makes the checkpoint count
-            if lead:
-                best = None if math.isinf(unfreezer.best) else unfreezer.best
-                checkpoint.write_manifest(out, step + 1, {
-                    "step": step + 1, "world_size": topo.world_size, "partition": list(topo.partition),
-                    "config": checkpoint.config_fingerprint(cfg), "loss": loss, "tokens": tokens_total,
-                    "train_s": train_s, "eval_before": before,
-                    # the plateau signal gathered since the last unfreezing check
-                    "last_losses": last_losses if cfg.unfreeze.by == "plateau" else [],
-                    "unfreezer": {"plateaus": unfreezer.plateaus, "best": best, "stale": unfreezer.stale}})
-    bar.close()
-    wall = time.perf_counter() - begin
-    after = evaluate() if n_eval else {}
-    final_state = rt.gather_adapters(tag_step=1)
-    if cfg.run.message_log:
-        rt.write_message_log(out / "messages")
-    ranks = rt.rank_summary()
-    if not lead:
-        return None
-    save_adapters(out / "adapter", final_state, rt.adapters.config_json)
-    summary = {
-        "mode": topo.mode, "world_size": topo.world_size, "steps": cfg.run.steps, "final_loss": loss,
-        **({"eval_loss": after["eval_loss"], "eval_before": before, "eval_after": after} if after else {}),
-        "tokens_per_s": tokens_total / max(train_s, 1e-9), "wall_s": wall, "train_s": train_s,
-        "num_blocks": L, "partition": topo.partition, "schedule": cfg.pipeline.schedule, "micro_batches": M,
-        "adapter_params": sum(v.numel() for v in final_state.values()), "ranks": ranks,
-        **({"resumed_from_step": start} if resume else {}),
-    }
-    recorder.summary(summary)
-    if after:
-        log.info("eval after training: %s (before: %s)", _fmt(after), _fmt(before))
-    for r in ranks:
-        log.info("rank %d blocks %s: fwd %.2fs bwd %.2fs wait %.2fs step %.2fs sent %s recv %s peak RSS %.0f MiB",
-                 r["rank"], r["blocks"], r["fwd_s"], r["bwd_s"], r["wait_s"], r["step_s"], r["bytes_sent"],
-                 r["bytes_recv"], r["peak_rss_bytes"] / 2**20)
-    return summary
+            signal = self.evaluate()["eval_loss"] if self.has_eval else \
+                sum(self.last_losses) / max(len(self.last_losses), 1)
+            self.unfreezer.observe(signal)
+            self.last_losses = []
+        if not lead:
+            return UnitResult(nonfinite=nonfinite)
+        record = {"step": step, "loss": None if nonfinite else loss, "trainable_blocks": trainable,
+                  "frontier": L - trainable, "epoch": epoch,
+                  "grad_norm": None if nonfinite else result["grad_norm"],
+                  "note": f"trainable {trainable}/{L} frontier {L - trainable}"}
+        if nonfinite:
+            record.update({"skipped": True, "nonfinite": nonfinite})
+        return UnitResult(records=[record], tokens=input_tokens(batch), loss=None if nonfinite else loss,
+                          nonfinite=nonfinite)
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        rt = self.rt
+        tensors = rt.gather_tensors(checkpoint.adapter_tensors(rt.adapters, rt.optimizer))
+        best = None if math.isinf(self.unfreezer.best) else self.unfreezer.best
+        return tensors, {"partition": list(self.topo.partition),
+                         "unfreezer": {"plateaus": self.unfreezer.plateaus, "best": best,
+                                       "stale": self.unfreezer.stale},
+                         "last_losses": self.last_losses if self.cfg.unfreeze.by == "plateau" else []}
 
-def _fmt(record: dict) -> str:
-    return " ".join(f"{k} {v:.4f}" for k, v in record.items())
+    def adapters(self) -> dict[str, torch.Tensor]:
+        return self.rt.gather_tensors(self.rt.adapters.state_dict(), kind=ADAPTERS)
+
+    def finish(self) -> dict:
+        rt, cfg = self.rt, self.cfg
+        if cfg.run.message_log:
+            rt.write_message_log(Path(cfg.run.out_dir) / "messages")
+        ranks = rt.rank_summary()
+        if self.is_lead:
+            for r in ranks:
+                log.info("rank %d blocks %s: fwd %.2fs bwd %.2fs wait %.2fs step %.2fs sent %s recv %s peak RSS "
+                         "%.0f MiB", r["rank"], r["blocks"], r["fwd_s"], r["bwd_s"], r["wait_s"], r["step_s"],
+                         r["bytes_sent"], r["bytes_recv"], r["peak_rss_bytes"] / 2**20)
+        return {"num_blocks": rt.num_blocks, "partition": self.topo.partition, "schedule": cfg.pipeline.schedule,
+                "micro_batches": cfg.data.micro_batches, "ranks": ranks}
 
 
 def evaluate_adapter(cfg: Config, adapter_dir: str | Path) -> dict:

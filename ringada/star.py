@@ -13,40 +13,195 @@ layer-wise, weighted by shard size, and every device and server set restarts fro
 Loss: each device trains on the token-weighted mean loss of its own batch. In `sft` the shared server set
 follows the example-weighted mean of the devices' losses (the token-weighted mean over the union batch); the
 gradient a device receives is that of its own mean loss.
+
+Links and failures (DESIGN: failure semantics). Each device talks to the server over a process group of its
+own ([0, u], deadline run.timeout_s) and over nothing else: after start-up nothing waits on the whole world,
+which a dead device could block. What a link carries is planned as data (:func:`round_plan` and its siblings:
+named messages in order, derived alike on both ends and checked as they pass). An error or a timeout on a link
+makes its device *lost*: it is out of that round and of every later one, and the round aggregates the survivors
+exactly as it does mobility dropouts. Nothing a lost device half-did is kept: the global adapter and every
+server set are rebuilt at the round's end from the views of the devices that finished. The server checkpoints
+each committed round (global adapter, every optimizer state, selection statistics, RNG), so a restart of the
+whole star continues from the last round.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import math
 import random
 import re
 import time
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from . import checkpoint
 from .adapters import add_adapters, add_lora_sets, check_target_modules, lora_config, save_adapters
-from .comm import ACT, ADAPTERS, CONTROL, GRAD, LABELS, TOP, TOP_GRAD, Wire, pack_state, unpack_state
+from .comm import (ACT, ADAPTERS, CHECKPOINT, CONTROL, GRAD, LABELS, STATS, TOP, TOP_GRAD, Counters, PeerError,
+                   Wire, link_group, pack_state, unpack_state)
 from .compress import Codec, decode, encode
 from .config import Config, ConfigError, check_against_model
-from .federated.allocation import Allocation, AllocationProblem, DeviceProfile, allocate
 from .data import Batch, Dataset
+from .driver import Trainer, UnitResult
 from .federated.aggregate import aggregate
+from .federated.allocation import Allocation, AllocationProblem, DeviceProfile, allocate
 from .federated.scheduling import makespan, server_order
-from .federated.selection import Mobility, Selector, steps_before_leaving
+from .federated.selection import DeviceStats, Mobility, Selector, steps_before_leaving
 from .federated.shards import shard_rows
 from .models import load_model, num_blocks_of, parameter_counts, read_config, resolve_model_dir
 from .profiles import load_profile
-from .runtime import _fmt, gather_rank_rows
-from .train import (RunRecorder, correct_count, eval_record, load_run_data, loss_sum, make_optimizer,
-                    peak_rss_bytes, progress, run_blocks)
+from .runtime import decode_row, rank_row
+from .train import correct_count, eval_record, load_run_data, loss_sum, make_optimizer, peak_rss_bytes, run_blocks
 
 log = logging.getLogger(__name__)
 
-TRAIN_ROUND, EVAL, STOP = 0, 1, 2
+
+# ------------------------------------------------------------------------------------------------ the protocol
+
+
+UP, DOWN = "up", "down"  # device -> server, server -> device
+TRAIN, EVAL, STOP = 0, 1, 2  # commands
+
+# Every message a link carries: name -> (direction, wire kind, micro-batch code). Its step field holds the global
+# step (training exchanges), the round (round-level messages) or -1 - j (eval batch j).
+MESSAGES = {
+    "status": (DOWN, CONTROL, 0),  # [accepted, step resumed after or -1]
+    "hello": (UP, STATS, 0),  # [shard size, eval batches, their sizes...]
+    "view": (UP, ADAPTERS, 0),  # the device's initial adapters (the first global adapter is their FedAvg)
+    "restore": (DOWN, CHECKPOINT, 0),  # resumed device state: adapters, AdamW state, data position
+    "command": (DOWN, CONTROL, 1),  # [command, round or evaluator flag, local steps]
+    "activation": (UP, ACT, 0),  # smashed hidden state [+ timing, attention mask]
+    "labels": (UP, LABELS, 0),
+    "top": (DOWN, TOP, 0),  # smashed top hidden state (label privacy)
+    "top_gradient": (UP, TOP_GRAD, 0),  # smashed [+ loss sum, targets, correct]
+    "gradient": (DOWN, GRAD, 0),  # smashed [+ skip flag: a non-finite step updates nothing]
+    "device_state": (UP, CHECKPOINT, 1),  # adapters + AdamW state after the round's steps, + [steps, skipped]
+    "global": (DOWN, ADAPTERS, 2),  # the new global adapter (the device's blocks)
+    "eval_stats": (UP, STATS, 1),  # [loss sum, targets, correct] of the device's head (label privacy)
+    "row": (UP, STATS, 2),  # the device's summary row
+}
+SMASHED = frozenset({"activation", "top", "top_gradient", "gradient"})  # what goes through the codec
+
+
+@dataclass(frozen=True)
+class Msg:
+    name: str
+    step: int
+
+    @property
+    def direction(self) -> str:
+        return MESSAGES[self.name][0]
+
+    def __str__(self) -> str:
+        return f"{'^' if self.direction == UP else 'v'}{self.name}@{self.step}"
+
+
+def start_plan(resuming: bool) -> list[Msg]:
+    """Start-up: the server's verdict on the run (and where it resumes), the device's hello and adapters, and on
+    a resume the device's restored state."""
+    return [Msg("status", 0), Msg("hello", 0), Msg("view", 0)] + ([Msg("restore", 0)] if resuming else [])
+
+
+def round_plan(round_index: int, steps: int, local_steps: int, privacy: bool) -> list[Msg]:
+    """One device's link in one round in which it runs ``steps`` local steps (0: not selected)."""
+    plan = [Msg("command", round_index)]
+    for k in range(steps):
+        s = round_index * local_steps + k
+        plan += [Msg("activation", s)] + ([Msg("top", s), Msg("top_gradient", s)] if privacy else [Msg("labels", s)])
+        plan.append(Msg("gradient", s))
+    if steps:
+        plan.append(Msg("device_state", round_index))
+    return plan + [Msg("global", round_index)]
+
+
+def eval_plan(evaluator: bool, batches: int, privacy: bool) -> list[Msg]:
+    """An evaluation: only the evaluator's link carries its eval batches (forward only)."""
+    plan = [Msg("command", -1)]
+    if evaluator:
+        for j in range(batches):
+            plan += [Msg("activation", -1 - j), Msg("top" if privacy else "labels", -1 - j)]
+        plan.append(Msg("eval_stats", -1))
+    return plan
+
+
+def stop_plan() -> list[Msg]:
+    return [Msg("command", -2), Msg("row", -2)]
+
+
+def check_plan(plan: list[Msg]) -> None:
+    """Raise ValueError unless every step's exchange is complete and in causal order: the activation first, then
+    labels or the top hidden state and its gradient, then the activation gradient; round-level messages after
+    the steps they follow."""
+    order = {"activation": 0, "labels": 1, "top": 1, "top_gradient": 2, "gradient": 3}
+    at: dict[int, list[str]] = {}
+    for i, m in enumerate(plan):
+        if m.name not in MESSAGES:
+            raise ValueError(f"message {i} ({m}): unknown name")
+        if m.name in order and m.step >= 0:
+            seen = at.setdefault(m.step, [])
+            if seen and order[m.name] <= order[seen[-1]]:
+                raise ValueError(f"message {i} ({m}) comes after {seen[-1]} of the same step")
+            seen.append(m.name)
+    for step, names in at.items():
+        if names[0] != "activation" or names[-1] != "gradient":
+            raise ValueError(f"step {step}: incomplete exchange {names}")
+
+
+def format_plan(plan: list[Msg]) -> str:
+    """``^`` marks a message up (device -> server), ``v`` one down."""
+    return " ".join(str(m) for m in plan)
+
+
+class ProtocolError(RuntimeError):
+    """The two ends of a link disagree about the plan (a bug, never a user error)."""
+
+
+class Link:
+    """One device's channel to the server, from either end: named messages in the order of the plan both ends
+    derived, each checked against it; activations and their gradients through the codec."""
+
+    def __init__(self, rank: int, peer: int, wire: Wire, codec: Codec, seed: int):
+        self.rank, self.peer, self.wire, self.codec, self.seed = rank, peer, wire, codec, seed
+        self.outgoing = DOWN if rank == 0 else UP
+        self.plan: deque[Msg] = deque()
+        self.lost = False  # the server gave up on this link (an error or a timeout): it is never used again
+
+    def follow(self, plan: list[Msg]) -> None:
+        self.plan.extend(plan)
+
+    def _next(self, name: str, step: int, direction: str) -> tuple[int, int]:
+        want = self.plan.popleft() if self.plan else None
+        got = Msg(name, step)
+        if want != got or MESSAGES[name][0] != direction:
+            raise ProtocolError(f"rank {self.rank}, link to rank {self.peer}: the plan says {want}, not {got}")
+        return MESSAGES[name][1:]
+
+    def send(self, name: str, step: int, tensors: list[torch.Tensor]) -> None:
+        kind, mb = self._next(name, step, self.outgoing)
+        if name in SMASHED and not self.codec.is_identity:
+            gen = torch.Generator().manual_seed(hash((self.seed, self.rank, self.peer, kind, step)) % 2**63)
+            tensors = [encode(tensors[0].detach(), self.codec, gen), *tensors[1:]]
+        self.wire.send(self.peer, kind, step, mb, tensors)
+
+    def recv(self, name: str, step: int) -> list[torch.Tensor]:
+        kind, mb = self._next(name, step, UP if self.outgoing == DOWN else DOWN)
+        tensors = self.wire.recv(self.peer, kind, step, mb)
+        if name in SMASHED and tensors[0].dtype == torch.uint8:  # a compressed blob
+            tensors[0] = decode(tensors[0])
+        return tensors
+
+    def flush(self) -> None:
+        self.wire.flush()
+
+
+def _link_codecs(cfg: Config, topo: StarTopology) -> dict[int, Codec]:
+    keep = topo.keep_ratios or [cfg.compress.topk] * len(topo.devices)
+    return {u: Codec(topk=1.0 if keep[u - 1] >= 1.0 - 1e-9 else keep[u - 1], bits=cfg.compress.bits,
+                     lossless=cfg.compress.lossless) for u in topo.devices}
 
 
 @dataclass
@@ -117,28 +272,39 @@ def plan_allocation(cfg: Config, devices: int) -> Allocation:
     return result
 
 
-# ------------------------------------------------------------------------------------------------ the wire codec
+# ------------------------------------------------------------------------------------------------ start-up
 
 
-class SmashedWire:
-    """Activations and their gradients through the compression codec of the link (device <-> server); everything
-    else as is."""
+class StarJob:
+    """A star run on this rank before its process group exists: the topology and (devices) the data and shard,
+    every user mistake already checked."""
 
-    def __init__(self, wire: Wire, codecs: dict[int, Codec], seed: int):
-        self.wire, self.codecs, self.seed = wire, codecs, seed
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        self.cfg = cfg
+        self.topo = make_star_topology(cfg, rank, world_size)
+        check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
+        self.is_lead = self.topo.is_server
+        self.data = self.shard = None
+        if not self.topo.is_server:
+            self.data = load_run_data(cfg, read_config(cfg.model.path).vocab_size)
+            rows = shard_rows(self.data.train.groups, world_size - 1, cfg.star.split, cfg.star.alpha, cfg.run.seed,
+                              cfg.data.batch_size)[rank - 1]
+            self.shard = self.data.train.subset(rows, f"{self.data.train.name}:device{rank}")
 
-    def send(self, dst: int, kind: int, step: int, tensor: torch.Tensor, extra: list[torch.Tensor] = ()) -> None:
-        codec = self.codecs[dst if self.wire.rank == 0 else self.wire.rank]
-        if not codec.is_identity:
-            gen = torch.Generator().manual_seed(hash((self.seed, self.wire.rank, dst, kind, step)) % 2**63)
-            tensor = encode(tensor.detach(), codec, gen)
-        self.wire.send(dst, kind, step, 0, [tensor, *extra])
+    def build(self, refusal: ConfigError | None) -> Trainer:
+        """Start-up: one process group per device link (every rank creates them all, in the same order), then
+        this rank's role. The server tells the devices about a refusal in its first message."""
+        cfg, topo = self.cfg, self.topo
+        groups = {u: link_group([0, u], cfg.run.timeout_s) for u in topo.devices}
+        codecs = _link_codecs(cfg, topo)
 
-    def recv(self, src: int, kind: int, step: int) -> list[torch.Tensor]:
-        tensors = self.wire.recv(src, kind, step, 0)
-        if tensors[0].dtype == torch.uint8:  # a compressed blob
-            tensors[0] = decode(tensors[0])
-        return tensors
+        def link(u: int) -> Link:
+            wire = Wire(topo.rank, topo.world_size, group=groups[u], timeout_s=cfg.run.timeout_s)
+            return Link(topo.rank, 0 if u == topo.rank else u, wire, codecs[u], cfg.run.seed)
+
+        if topo.is_server:
+            return ServerTrainer(cfg, topo, {u: link(u) for u in topo.devices}, refusal)
+        return DeviceTrainer(cfg, topo, link(topo.rank), self.data, self.shard)
 
 
 # ------------------------------------------------------------------------------------------------------ devices
@@ -151,24 +317,107 @@ class DeviceTimes:
     train_cpu_s: float = 0.0  # the process's CPU seconds over training steps
 
 
-class Device:
-    """Embedding + blocks [0, d) + their LoRA (+ head and loss under label privacy) and its data shard."""
+class DeviceTrainer(Trainer):
+    """A device under the shared driver: embedding + blocks [0, d) + their LoRA (+ head and loss under label
+    privacy) and its data shard. It does what the server's commands say, over its one link."""
 
-    def __init__(self, cfg: Config, topo: StarTopology, wire: SmashedWire, data, shard: Dataset):
-        self.cfg, self.topo, self.wire = cfg, topo, wire
+    is_lead = False
+
+    def __init__(self, cfg: Config, topo: StarTopology, link: Link, data, shard: Dataset):
+        self.cfg, self.topo, self.link, self.shard = cfg, topo, link, shard
+        self.mode, self.world_size = cfg.pipeline.mode, topo.world_size
+        self.steps_per_unit = self.checkpoint_every = cfg.star.local_steps
         self.depth = topo.depth(topo.rank)
-        privacy = cfg.star.label_privacy
+        self.privacy = cfg.star.label_privacy
         self.cut = load_model(cfg.model.path, cfg.model.task, cfg.model.num_labels, blocks=(0, self.depth),
-                              embed=True, head=privacy, seed=cfg.run.seed)
-        self.adapters = add_adapters(self.cut, cfg.adapter, cfg.run.seed,
-                                     base_dir=str(resolve_model_dir(cfg.model.path)))
-        self.optimizer = make_optimizer(cfg, self.adapters)
-        self.shard = shard
-        self.eval_set = data.eval
-        self.steps_done = 0
+                              embed=True, head=self.privacy, seed=cfg.run.seed)
+        self.lora = add_adapters(self.cut, cfg.adapter, cfg.run.seed, base_dir=str(resolve_model_dir(cfg.model.path)))
+        self.adapter_config = self.lora.config_json
+        self.optimizer = make_optimizer(cfg, self.lora)
+        self.eval_batches = data.eval.eval_batches(cfg.data.batch_size, cfg.run.eval_batches) if data.eval else []
+        self.has_eval = bool(self.eval_batches)
+        self.steps_done = 0  # the data position: this device's next batch
         self.times = DeviceTimes()
         self.last_bwd_s = 0.0
 
+    # -- driver verbs
+    def start(self, resume) -> int | None:
+        link = self.link
+        link.follow([Msg("status", 0)])
+        accepted, step = link.recv("status", 0)[0].tolist()
+        if not accepted:
+            raise ConfigError("the server refused to start this run (a resume that does not fit); its log names "
+                              "the setting")
+        link.follow(start_plan(step >= 0)[1:])
+        sizes = [b.size for b in self.eval_batches]
+        link.send("hello", 0, [torch.tensor([len(self.shard), len(sizes), *sizes], dtype=torch.int64)])
+        link.send("view", 0, pack_state(self.lora.state_dict()))
+        if step >= 0:
+            state = unpack_state(link.recv("restore", 0))
+            info = state.pop("info").tolist()
+            self.steps_done, self.last_bwd_s = int(info[0]), info[1]
+            checkpoint.load_adapter_tensors(state, self.lora, self.optimizer)
+        link.flush()
+        return step if step >= 0 else None
+
+    def train_unit(self, round_index: int) -> UnitResult:
+        link, local = self.link, self.cfg.star.local_steps
+        steps = self._command(TRAIN, round_index)
+        link.follow(round_plan(round_index, steps, local, self.privacy)[1:])
+        skipped = sum(not self.train_step(round_index * local + k) for k in range(steps))
+        if steps:
+            state = checkpoint.adapter_tensors(self.lora, self.optimizer)
+            state["info"] = torch.tensor([self.steps_done, skipped, self.last_bwd_s], dtype=torch.float64)
+            link.send("device_state", round_index, pack_state(state))
+        self.lora.load_state_dict(unpack_state(link.recv("global", round_index)))
+        link.flush()
+        return UnitResult()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Forward only: this device's eval batches through its blocks and the server's (global) adapters."""
+        link = self.link
+        evaluator = self._command(EVAL, -1)
+        link.follow(eval_plan(bool(evaluator), len(self.eval_batches), self.privacy)[1:])
+        if evaluator:
+            stats = [0.0, 0, 0]
+            for j, batch in enumerate(self.eval_batches):
+                step = -1 - j
+                self._send_activation(batch, step, self.lower_forward(batch, train=False), 0.0)
+                if self.privacy:
+                    top = link.recv("top", step)[0]
+                    _, s = self.head_loss(top, batch, train=False)
+                    stats = [a + b for a, b in zip(stats, s)]
+            link.send("eval_stats", -1, [torch.tensor(stats, dtype=torch.float64)])
+        link.flush()
+        return {}
+
+    def state(self):
+        return {}, {}
+
+    def adapters(self) -> dict:
+        return {}
+
+    def finish(self) -> dict:
+        self._command(STOP, -2)
+        self.link.follow(stop_plan()[1:])
+        self.link.send("row", -2, [rank_row(self._row(), self.link.wire.counters)])
+        self.link.flush()
+        return {}
+
+    def _row(self) -> dict:
+        return {"rank": self.topo.rank, "blocks": [0, self.depth], "fwd_s": self.times.fwd_s,
+                "bwd_s": self.times.bwd_s, "train_cpu_s": self.times.train_cpu_s}
+
+    def _command(self, expected: int, step: int) -> int:
+        """The server's next command, which the driver's lockstep predicts; returns its argument."""
+        self.link.follow([Msg("command", step)])
+        command, arg, steps = self.link.recv("command", step)[0].tolist()
+        if command != expected:
+            raise ProtocolError(f"rank {self.topo.rank}: expected command {expected}, got {command}")
+        return steps if command == TRAIN else arg
+
+    # -- compute
     def lower_forward(self, batch: Batch, train: bool) -> torch.Tensor:
         with torch.no_grad():
             hidden = self.cut.embed(batch.input_ids)
@@ -178,15 +427,15 @@ class Device:
                           seed=self.cfg.run.seed, step=self.steps_done, micro_batch=0,
                           dropout=self.cfg.adapter.dropout > 0)
 
-    def send_activation(self, batch: Batch, step: int, hidden: torch.Tensor, fwd_s: float) -> None:
+    def _send_activation(self, batch: Batch, step: int, hidden: torch.Tensor, fwd_s: float) -> None:
         extra = [batch.attention_mask] if batch.attention_mask is not None else []
         # The device's own timings travel with the activation: the server's scheduler uses them next time.
         timing = torch.tensor([fwd_s, self.last_bwd_s], dtype=torch.float64)
-        self.wire.send(0, ACT, step, hidden, [timing, *extra])
-        if not self.cfg.star.label_privacy:
-            self.wire.wire.send(0, LABELS, step, 0, [batch.labels])
+        self.link.send("activation", step, [hidden, timing, *extra])
+        if not self.privacy:
+            self.link.send("labels", step, [batch.labels])
 
-    def head_loss(self, top: torch.Tensor, batch: Batch, step: int, train: bool) -> tuple[torch.Tensor, list[float]]:
+    def head_loss(self, top: torch.Tensor, batch: Batch, train: bool) -> tuple[torch.Tensor, list[float]]:
         """Label privacy: the device's own head and loss on the server's top hidden state."""
         top.requires_grad_(train)
         with torch.set_grad_enabled(train):
@@ -198,7 +447,9 @@ class Device:
             return top.grad, stats
         return None, stats
 
-    def train_step(self, step: int) -> None:
+    def train_step(self, step: int) -> bool:
+        """One local step; returns whether it updated the adapters (not when the server or this device found the
+        loss or a gradient non-finite)."""
         cpu0 = time.process_time()
         _, batch = self.shard.batch_at(self.steps_done, self.cfg.data.batch_size, self.cfg.data.shuffle,
                                        self.cfg.run.seed + self.topo.rank)
@@ -206,62 +457,44 @@ class Device:
         t0 = time.perf_counter()
         hidden = self.lower_forward(batch, train=True)
         fwd_s = time.perf_counter() - t0
-        self.send_activation(batch, step, hidden, fwd_s)
-        if self.cfg.star.label_privacy:
-            top = self.wire.recv(0, TOP, step)[0]
+        self._send_activation(batch, step, hidden, fwd_s)
+        if self.privacy:
+            top = self.link.recv("top", step)[0]
             t1 = time.perf_counter()
-            grad_top, stats = self.head_loss(top, batch, step, train=True)
+            grad_top, stats = self.head_loss(top, batch, train=True)
             fwd_s += time.perf_counter() - t1
-            self.wire.send(0, TOP_GRAD, step, grad_top, [torch.tensor(stats, dtype=torch.float64)])
-        grad = self.wire.recv(0, GRAD, step)[0]
+            self.link.send("top_gradient", step, [grad_top, torch.tensor(stats, dtype=torch.float64)])
+        grad, skip = self.link.recv("gradient", step)
         t2 = time.perf_counter()
-        hidden.backward(grad)
-        self.optimizer.step()
+        updated = not bool(skip.item())
+        if updated:
+            hidden.backward(grad)
+            local_sq = sum(float(p.grad.double().pow(2).sum()) for p in self.lora.trainable()
+                           if p.grad is not None)
+            updated = math.isfinite(local_sq)
+            if updated:
+                self.optimizer.step()
+            else:
+                log.warning("device %d: non-finite gradient norm at step %d; its update is skipped",
+                            self.topo.rank, step)
+                self.optimizer.zero_grad(set_to_none=True)
         self.last_bwd_s = time.perf_counter() - t2
         self.times.fwd_s += fwd_s
         self.times.bwd_s += self.last_bwd_s
         self.steps_done += 1
-        self.wire.wire.flush()  # the server has consumed this step's sends: release their buffers
+        self.link.flush()  # the server has consumed this step's sends: release their buffers
         self.times.train_cpu_s += time.process_time() - cpu0
-
-    @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> None:
-        """Device 1 drives evaluation of the global model with the server (forward only)."""
-        stats = [0.0, 0, 0]
-        for j, batch in enumerate(batches):
-            step = -1 - j
-            self.send_activation(batch, step, self.lower_forward(batch, train=False), 0.0)
-            if self.cfg.star.label_privacy:
-                top = self.wire.recv(0, TOP, step)[0]
-                _, s = self.head_loss(top, batch, step, train=False)
-                stats = [a + b for a, b in zip(stats, s)]
-        self.wire.wire.send(0, CONTROL, -99, 0, [torch.tensor(stats, dtype=torch.float64)])
-        self.wire.wire.flush()
-
-    def run(self) -> None:
-        wire = self.wire.wire
-        wire.send(0, ADAPTERS, 0, 0, pack_state(self.adapters.state_dict()))  # the initial global adapter
-        wire.send(0, CONTROL, -96, 0, [torch.tensor([len(self.shard)])])  # its aggregation weight
-        eval_batches = self.eval_set.eval_batches(self.cfg.data.batch_size, self.cfg.run.eval_batches) \
-            if self.eval_set is not None and self.topo.rank == 1 else []
-        if self.topo.rank == 1:
-            wire.send(0, CONTROL, -98, 0, [torch.tensor([len(eval_batches)] + [b.size for b in eval_batches])])
-        while True:
-            command, round_index, steps = wire.recv(0, CONTROL, -97, 0)[0].tolist()
-            wire.flush()
-            if command == STOP:
-                return
-            if command == EVAL:
-                self.evaluate(eval_batches)
-                continue
-            for k in range(steps):
-                self.train_step(round_index * self.cfg.star.local_steps + k)
-            if steps:
-                wire.send(0, ADAPTERS, round_index, 1, pack_state(self.adapters.state_dict()))
-            self.adapters.load_state_dict(unpack_state(wire.recv(0, ADAPTERS, round_index, 2)))
+        return updated
 
 
-# ------------------------------------------------------------------------------------------------------ server
+@dataclass
+class StepOutcome:
+    """What one server step produced: the loss sum and targets over the devices that took part to its end."""
+
+    loss_sum: float = 0.0
+    count: int = 0
+    devices: list[int] = field(default_factory=list)
+    nonfinite: str | None = None
 
 
 @dataclass
@@ -275,8 +508,11 @@ class ServerProfile:
 
 
 class Server:
-    def __init__(self, cfg: Config, topo: StarTopology, wire: SmashedWire):
-        self.cfg, self.topo, self.wire = cfg, topo, wire
+    """The server's compute: the frozen base once (or a copy per device, star.server_copies), the LoRA sets, their
+    optimizers, and the measurements its scheduler and client selection use. Knows no wire: links come in."""
+
+    def __init__(self, cfg: Config, topo: StarTopology):
+        self.cfg, self.topo = cfg, topo
         self.sft = cfg.pipeline.mode == "sft"
         self.privacy = cfg.star.label_privacy
         L = topo.num_blocks
@@ -310,7 +546,6 @@ class Server:
         self.selector = Selector(cfg.star.selection, cfg.star.devices_per_round, seed=cfg.run.seed, c=cfg.star.ucb_c)
         self.rng = random.Random(cfg.run.seed)
         self.fwd_s = self.bwd_s = 0.0
-        self.n_eval = 0
         self.device_loss: dict[int, float] = {}  # each device's last training loss (client selection)
 
     def set_name(self, device: int) -> str:
@@ -347,68 +582,85 @@ class Server:
         self.fwd_s += time.perf_counter() - t0
         return tops
 
-    def _receive(self, device: int, step: int, train: bool):
-        tensors = self.wire.recv(device, ACT, step)
+    def _receive(self, link: Link, step: int, train: bool):
+        tensors = link.recv("activation", step)
         hidden, timing = tensors[0], tensors[1]
         mask = tensors[2] if len(tensors) > 2 else None
-        labels = None if self.privacy else self.wire.wire.recv(device, LABELS, step, 0)[0]
+        labels = None if self.privacy else link.recv("labels", step)[0]
         hidden.requires_grad_(train)
         return hidden, mask, labels, timing.tolist()
 
-    def serve_sfl(self, device: int, step: int) -> tuple[float, float, int]:
-        """One device's step on its own server set; returns (loss sum, server seconds, counted targets)."""
-        hidden, mask, labels, (fwd_s, bwd_s) = self._receive(device, step, train=True)
+    def serve(self, devices: list[int], step: int, links: dict[int, Link], exchange) -> StepOutcome:
+        """One step of ``devices`` as one batch through their server set and one optimizer step: sfl serves one
+        device at a time, sft all of them together. ``exchange(u, step, action)`` guards every use of device u's
+        link; a device lost on the way drops out of the step (in sft the others' step goes on without it).
+        A non-finite loss or gradient norm updates nothing: the devices are told to skip the step too."""
+        received = {}
+        for u in devices:
+            with exchange(u, step, "receiving the activation"):
+                received[u] = self._receive(links[u], step, train=True)
+        alive = [u for u in devices if u in received]
+        if not alive:
+            return StepOutcome()
         t0 = time.perf_counter()
-        self.activate(device)
-        tops = self._upper([device], [hidden], [mask], train=True, step=step)
-        loss_value, count = self._loss_and_backward([device], [hidden], tops, [mask], [labels], step)
-        self.wire.send(device, GRAD, step, hidden.grad)
-        name = self.set_name(device)
-        self.optimizers[name].step()
+        name = self.set_name(alive[0])
+        self.activate(alive[0])
+        hiddens, masks = [received[u][0] for u in alive], [received[u][1] for u in alive]
+        tops = self._upper(alive, hiddens, masks, train=True, step=step)
+        outcome = self._loss_and_backward(alive, hiddens, tops, masks, [received[u][2] for u in alive], step, links,
+                                          exchange)
+        sq = sum(float(p.grad.double().pow(2).sum()) for p in self.sets[name].trainable() if p.grad is not None)
+        sq += sum(float(hiddens[alive.index(u)].grad.double().pow(2).sum()) for u in outcome.devices)
+        if not (math.isfinite(outcome.loss_sum) and math.isfinite(sq)):
+            who = ", ".join(f"device {u}" for u in outcome.devices)
+            outcome.nonfinite = (f"non-finite loss ({outcome.loss_sum}) or gradient norm ({math.sqrt(sq)}) at step "
+                                 f"{step} on the server ({who})")
+        skip = torch.tensor([int(outcome.nonfinite is not None)], dtype=torch.int64)
+        for u in outcome.devices:
+            with exchange(u, step, "sending the activation gradient"):
+                links[u].send("gradient", step, [hiddens[alive.index(u)].grad, skip])
+                self.profile.release[u], self.profile.tail[u] = received[u][3]
+        if outcome.nonfinite is None:
+            self.optimizers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
-        self.profile.release[device], self.profile.tail[device] = fwd_s, bwd_s
-        self.profile.server[device] = elapsed
-        return loss_value, elapsed, count
+        for u in alive:
+            self.profile.server[u] = elapsed / len(alive)
+        for u in outcome.devices:
+            with exchange(u, step, "sending the activation gradient"):
+                links[u].flush()
+        outcome.devices = [u for u in outcome.devices if u in links and not links[u].lost]
+        return outcome
 
-    def serve_sft(self, devices: list[int], step: int) -> tuple[float, float, int]:
-        """All active devices' activations as one batch through the shared set; one optimizer step."""
-        received = [self._receive(u, step, train=True) for u in devices]
-        t0 = time.perf_counter()
-        tops = self._upper(devices, [r[0] for r in received], [r[1] for r in received], train=True, step=step)
-        loss_value, count = self._loss_and_backward(devices, [r[0] for r in received], tops, [r[1] for r in received],
-                                                    [r[2] for r in received], step)
-        for u, (h, _, _, timing) in zip(devices, received):
-            self.wire.send(u, GRAD, step, h.grad)
-            self.profile.release[u], self.profile.tail[u] = timing
-        self.optimizers["shared"].step()
-        self.optimizers["shared"].zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - t0
-        for u in devices:
-            self.profile.server[u] = elapsed / len(devices)
-        return loss_value, elapsed, count
-
-    def _loss_and_backward(self, devices, hiddens, tops, masks, labels, step) -> tuple[float, int]:
+    def _loss_and_backward(self, devices, hiddens, tops, masks, labels, step, links, exchange) -> StepOutcome:
         """Backward of sum_u w_u * loss_u (w_u = 1 in sfl; the share of targets in sft), then every device's
         activation gradient rescaled to that of its own mean loss."""
         if self.privacy:
             for u, top in zip(devices, tops):
-                self.wire.send(u, TOP, step, top)
-            grads, stats = [], []
+                with exchange(u, step, "sending the top hidden state"):
+                    links[u].send("top", step, [top])
+            grads, stats = {}, {}
             for u in devices:
-                g, s = self.wire.recv(u, TOP_GRAD, step)
-                grads.append(g)
-                stats.append(s.tolist())
-            counts = [int(s[1]) for s in stats]
+                if links[u].lost:
+                    continue
+                with exchange(u, step, "receiving the top gradient"):
+                    g, s = links[u].recv("top_gradient", step)
+                    grads[u], stats[u] = g, s.tolist()
+            kept = [u for u in devices if u in grads]
+            if not kept:
+                return StepOutcome()
+            counts = [int(stats[u][1]) for u in kept]
             total = sum(counts)
-            for u, st in zip(devices, stats):
-                self.device_loss[u] = st[0] / max(st[1], 1)
-            weights = [c / total for c in counts] if self.sft else [1.0] * len(devices)
+            for u in kept:
+                self.device_loss[u] = stats[u][0] / max(stats[u][1], 1)
+            weights = [c / total for c in counts] if self.sft else [1.0] * len(kept)
             t0 = time.perf_counter()
-            torch.autograd.backward(tops, [w * g for w, g in zip(weights, grads)])
+            torch.autograd.backward([tops[devices.index(u)] for u in kept],
+                                    [w * grads[u] for w, u in zip(weights, kept)])
             self.bwd_s += time.perf_counter() - t0
-            loss_value = sum(s[0] for s in stats)
+            loss_value = sum(stats[u][0] for u in kept)
         else:
+            kept = list(devices)
             counts = [Batch(lab, lab).count() for lab in labels]
             total = sum(counts)
             weights = [c / total for c in counts] if self.sft else [1.0] * len(devices)
@@ -422,30 +674,29 @@ class Server:
             t0 = time.perf_counter()
             joint.backward()
             self.bwd_s += time.perf_counter() - t0
-        for w, h in zip(weights, hiddens):
+        for w, u in zip(weights, kept):
             if w != 1.0:
-                h.grad.div_(w)
-        return loss_value, total
+                hiddens[devices.index(u)].grad.div_(w)
+        return StepOutcome(loss_sum=loss_value, count=total, devices=kept)
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Forward-only through device 1 and device 1's (global, after aggregation) server set."""
-        self.wire.wire.send(1, CONTROL, -97, 0, [torch.tensor([EVAL, 0, 0])])
+    def evaluate(self, device: int, link: Link, batches: int) -> dict:
+        """Forward only: ``device``'s eval batches through its blocks and the (global) server set."""
         loss, count, correct = 0.0, 0, 0
-        self.activate(1)
-        for j in range(self.n_eval):
+        self.activate(device)
+        for j in range(batches):
             step = -1 - j
-            hidden, mask, labels, _ = self._receive(1, step, train=False)
-            top = self._upper([1], [hidden], [mask], train=False, step=step)[0]
+            hidden, mask, labels, _ = self._receive(link, step, train=False)
+            top = self._upper([device], [hidden], [mask], train=False, step=step)[0]
             if self.privacy:
-                self.wire.send(1, TOP, step, top)
+                link.send("top", step, [top])
             else:
-                logits = self.cut_for(1).head(top, mask)
+                logits = self.cut_for(device).head(top, mask)
                 loss += float(loss_sum(logits, labels))
                 count += Batch(labels, labels).count()
                 correct += correct_count(logits, labels)
-        device_stats = self.wire.wire.recv(1, CONTROL, -99, 0)[0].tolist()
-        self.wire.wire.flush()
+        device_stats = link.recv("eval_stats", -1)[0].tolist()
+        link.flush()
         return eval_record(loss + device_stats[0], count + int(device_stats[1]), correct + int(device_stats[2]),
                            self.cfg.model.task)
 
@@ -493,161 +744,275 @@ class Server:
                 "copy_per_device_bytes": copies + adapter_bytes + optim_bytes}
 
 
-# ------------------------------------------------------------------------------------------------------ driver
+# ------------------------------------------------------------------------------------------- the server's driver
 
 
-def train_star(cfg: Config, rank: int, world_size: int) -> dict | None:
-    """Config, LoRA targets and (on devices) data and shards are checked before the process group starts."""
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    topo = make_star_topology(cfg, rank, world_size)
-    check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
-    data = shard = None
-    if not topo.is_server:
-        data = load_run_data(cfg, read_config(cfg.model.path).vocab_size)
-        rows = shard_rows(data.train.groups, world_size - 1, cfg.star.split, cfg.star.alpha, cfg.run.seed,
-                          cfg.data.batch_size)[rank - 1]
-        shard = data.train.subset(rows, f"{data.train.name}:device{rank}")
-    torch.manual_seed(cfg.run.seed)
-    if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(backend="gloo")
-    try:
-        keep = topo.keep_ratios or [cfg.compress.topk] * (world_size - 1)
-        codecs = {u: Codec(topk=1.0 if keep[u - 1] >= 1.0 - 1e-9 else keep[u - 1], bits=cfg.compress.bits,
-                           lossless=cfg.compress.lossless) for u in topo.devices}
-        wire = SmashedWire(Wire(rank, world_size), codecs, cfg.run.seed)
-        if topo.is_server:
-            return _serve(cfg, topo, wire)
-        device = Device(cfg, topo, wire, data, shard)
-        device.run()
-        gather_rank_rows(world_size, {"rank": rank, "blocks": [0, device.depth], "fwd_s": device.times.fwd_s,
-                                      "bwd_s": device.times.bwd_s, "train_cpu_s": device.times.train_cpu_s},
-                         wire.wire.counters)
-        return None
-    finally:
-        dist.destroy_process_group()
+class ServerTrainer(Trainer):
+    """The server under the shared driver: a unit is a round. It owns selection, ordering, aggregation and the
+    checkpoints, and keeps going when a device's link fails (that device is lost for the rest of the run)."""
 
+    is_lead = True
 
-def _serve(cfg: Config, topo: StarTopology, wire: SmashedWire) -> dict:
-    server = Server(cfg, topo, wire)
-    raw = wire.wire
-    L, star = topo.num_blocks, cfg.star
-    out = Path(cfg.run.out_dir)
-    recorder = RunRecorder(cfg)
-    device_views = {u: unpack_state(raw.recv(u, ADAPTERS, 0, 0)) for u in topo.devices}
-    shard_sizes = {u: float(raw.recv(u, CONTROL, -96, 0)[0].item()) for u in topo.devices}
-    server.n_eval = raw.recv(1, CONTROL, -98, 0)[0].tolist()[0]
-    global_state = server.global_state(device_views, topo.devices, shard_sizes)
-    save_adapters(out / "adapter_init", global_state, server.config_json)
-    before = server.evaluate() if server.n_eval else {}
-    if before:
-        log.info("eval before training: %s", _fmt(before))
-    start = time.perf_counter()
-    tokens, train_s, train_cpu_s, loss, rounds_log = 0, 0.0, 0.0, float("nan"), []
-    bar = progress(cfg.run.steps, enabled=True)
-    for t in range(star.rounds):
-        selected = server.selector.select(t, topo.devices)
-        dwell = server.mobility.dwell_times(server.rng, selected)
-        plan = {u: steps_before_leaving(dwell[u], server.profile.step_time.get(u, 0.0), star.local_steps)
-                for u in selected}
-        for u in topo.devices:
-            raw.send(u, CONTROL, -97, 0, [torch.tensor([TRAIN_ROUND, t, plan.get(u, 0)])])
+    def __init__(self, cfg: Config, topo: StarTopology, links: dict[int, Link], refusal: ConfigError | None):
+        self.cfg, self.topo, self.links, self.refusal = cfg, topo, links, refusal
+        self.mode, self.world_size = cfg.pipeline.mode, topo.world_size
+        self.steps_per_unit = self.checkpoint_every = cfg.star.local_steps
+        self.server = Server(cfg, topo)
+        self.adapter_config = self.server.config_json
+        self.live = set(topo.devices)
+        self.lost: dict[int, dict] = {}  # device -> where and why its link failed
+        self.lost_now: dict[int, str] = {}  # devices lost in the current round
+        self.round = 0
+        self.has_eval = False
+        self.n_eval = 0
+        self.shard_sizes: dict[int, float] = {}
+        self.device_keys: dict[int, list[str]] = {}  # the adapter keys each device holds
+        self.device_states: dict[int, dict] = {}  # each device's AdamW state and data position, last committed
+        self.global_state: dict[str, torch.Tensor] = {}
+        self.rounds_log: list[dict] = []
+        self.train_cpu_s = 0.0
+        self.committed: tuple[dict, dict] = ({}, {})
+
+    # -- links
+    @contextmanager
+    def _exchange(self, device: int, step: int, action: str):
+        """Run a use of ``device``'s link; if the link fails, the device is lost (and the block is left)."""
+        try:
+            yield
+        except PeerError as e:
+            self._lose(device, step, action, e)
+
+    def _lose(self, device: int, step: int, action: str, error: Exception) -> None:
+        link = self.links[device]
+        link.lost = True
+        link.wire.abandon()
+        self.live.discard(device)
+        self.lost[device] = {"round": self.round, "step": step, "action": action, "error": str(error)}
+        self.lost_now[device] = f"{action} at step {step}: {error}"
+        log.warning("device %d lost in round %d (step %d, %s); the run goes on with devices %s: %s", device,
+                    self.round, step, action, sorted(self.live), error)
+
+    def _send_all(self, plans: dict[int, list[Msg]], name: str, step: int, values: dict[int, list[int]]) -> None:
+        for u in sorted(self.live):
+            with self._exchange(u, step, f"sending the {name}"):
+                self.links[u].follow(plans[u])
+                self.links[u].send(name, step, [torch.tensor(values[u], dtype=torch.int64)])
+
+    # -- driver verbs
+    def start(self, resume) -> int | None:
+        srv = self.server
+        step = resume[0] if resume is not None and self.refusal is None else -1
+        plans = {u: start_plan(step >= 0) for u in self.live}
+        self._send_all(plans, "status", 0, {u: [int(self.refusal is None), step] for u in self.live})
+        if self.refusal is not None:
+            for u in sorted(self.live):
+                with self._exchange(u, 0, "refusing the run"):
+                    self.links[u].flush()
+            raise self.refusal
+        views = {}
+        for u in sorted(self.live):
+            with self._exchange(u, 0, "receiving the device's hello"):
+                hello = self.links[u].recv("hello", 0)[0].tolist()
+                views[u] = unpack_state(self.links[u].recv("view", 0))
+                self.shard_sizes[u], self.n_eval = float(hello[0]), hello[1]
+                self.device_keys[u] = sorted(views[u])
+        self.has_eval = self.n_eval > 0
+        if step >= 0:
+            self._restore(*resume[1:])
+            for u in sorted(self.live):
+                with self._exchange(u, 0, "restoring the device"):
+                    self.links[u].send("restore", 0, pack_state(self._device_restore(u)))
+        else:
+            self.global_state = srv.global_state(views, sorted(views), self.shard_sizes)
+            self._commit()
+        for u in sorted(self.live):
+            with self._exchange(u, 0, "starting"):
+                self.links[u].flush()
+        return step if step >= 0 else None
+
+    def train_unit(self, t: int) -> UnitResult:
+        cfg, srv, star, topo = self.cfg, self.server, self.cfg.star, self.topo
+        L, local = topo.num_blocks, star.local_steps
+        self.round, self.lost_now = t, {}
+        cpu0 = time.process_time()
+        live = sorted(self.live)
+        selected = srv.selector.select(t, live) if live else []
+        dwell = srv.mobility.dwell_times(srv.rng, selected)
+        plan = {u: steps_before_leaving(dwell[u], srv.profile.step_time.get(u, 0.0), local) for u in selected}
+        self._send_all({u: round_plan(t, plan.get(u, 0), local, srv.privacy) for u in live}, "command", t,
+                       {u: [TRAIN, t, plan.get(u, 0)] for u in live})
         round_start = time.perf_counter()
-        step_records = []
-        for k in range(star.local_steps):
-            step = t * star.local_steps + k
-            active = [u for u in selected if plan[u] > k]
-            t0, cpu0 = time.perf_counter(), time.process_time()
+        records, tokens, loss, nonfinite = [], 0, None, None
+        for k in range(local):
+            step = t * local + k
+            active = [u for u in selected if plan[u] > k and u in self.live]
+            t0 = time.perf_counter()
             record = {"step": step, "round": t, "devices": active, "trainable_blocks": L, "loss": None}
             if active:
-                if server.sft:
-                    loss_sum_value, _, count = server.serve_sft(active, step)
-                    order = active
+                if srv.sft:
+                    order, outcomes = active, [srv.serve(active, step, self.links, self._exchange)]
                 else:
-                    prof = server.profile
+                    prof = srv.profile
                     times = [[prof.release.get(u, 0.0) for u in active], [prof.server.get(u, 0.0) for u in active],
                              [prof.tail.get(u, 0.0) for u in active]]
                     order_idx = server_order(star.schedule, *times)
                     order = [active[i] for i in order_idx]
-                    loss_sum_value, count = 0.0, 0
-                    for u in order:
-                        value, _, c = server.serve_sfl(u, step)
-                        loss_sum_value, count = loss_sum_value + value, count + c
+                    outcomes = [srv.serve([u], step, self.links, self._exchange) for u in order]
                     record["predicted_makespan_s"] = makespan(order_idx, *times)
                     record["fifo_makespan_s"] = makespan(server_order("fifo", *times), *times)
-                raw.flush()
-                loss = loss_sum_value / max(count, 1)
-                record.update({"loss": loss, "order": order, "step_s": time.perf_counter() - t0})
-                tokens += len(active) * cfg.data.batch_size * cfg.data.seq_len
-            train_s += time.perf_counter() - t0
-            train_cpu_s += time.process_time() - cpu0
-            record.update({"tokens": tokens, "elapsed_s": time.perf_counter() - start})
-            step_records.append(record)
-            bar.update(1)
+                served = [u for o in outcomes for u in o.devices]
+                bad = [o.nonfinite for o in outcomes if o.nonfinite]
+                count = sum(o.count for o in outcomes)
+                step_loss = sum(o.loss_sum for o in outcomes) / max(count, 1)
+                record.update({"order": order, "step_s": time.perf_counter() - t0, "served": served})
+                if bad:
+                    nonfinite = nonfinite or bad[0]
+                    record.update({"skipped": True, "nonfinite": bad[0]})
+                elif served:
+                    record["loss"] = loss = step_loss
+                tokens += len(served) * cfg.data.batch_size * cfg.data.seq_len
+            records.append(record)
         round_s = time.perf_counter() - round_start
         for u in selected:
-            if plan[u]:
+            if plan[u] and u in self.live:
                 # the round's time over its step slots: a device that left early is not charged for the slots
                 # it missed (that would make it look slower and leave sooner next time)
-                server.profile.step_time[u] = round_s / star.local_steps
-        # aggregation over the devices that finished the round
-        finished = [u for u in selected if plan[u] == star.local_steps]
-        dropped = [u for u in selected if plan[u] < star.local_steps]
+                srv.profile.step_time[u] = round_s / local
+        views, states = {}, {}
         for u in selected:
-            if plan[u]:
-                device_views[u] = unpack_state(raw.recv(u, ADAPTERS, t, 1))
+            if plan[u] and u in self.live:
+                with self._exchange(u, t, "receiving the device's adapters"):
+                    state = unpack_state(self.links[u].recv("device_state", t))
+                    info = state.pop("info").tolist()
+                    views[u] = {k: v for k, v in state.items() if not k.startswith("optim/")}
+                    states[u] = {"optim": {k: v for k, v in state.items() if k.startswith("optim/")},
+                                 "steps_done": int(info[0]), "last_bwd_s": info[2]}
+                    if info[1]:
+                        nonfinite = nonfinite or f"non-finite gradient norm on device {u} in round {t}"
+        commit = not (nonfinite and cfg.optim.on_nonfinite == "stop")
+        finished = [u for u in selected if plan[u] == local and u in views]
+        dropped = [u for u in selected if plan[u] < local]
         skipped = len(finished) < star.min_devices
-        if not skipped:
-            global_state = server.global_state(device_views, finished, shard_sizes)
-        server.load_global(global_state)
-        for u in topo.devices:
-            device_keys = {k: v for k, v in global_state.items() if k in device_views[u]}
-            raw.send(u, ADAPTERS, t, 2, pack_state(device_keys))
-            device_views[u] = device_keys
-        raw.flush()
-        prof = server.profile
+        if commit and not skipped:
+            self.global_state = srv.global_state(views, finished, self.shard_sizes)
+        srv.load_global(self.global_state)
+        for u in sorted(self.live):
+            with self._exchange(u, t, "sending the global adapter"):
+                self.links[u].send("global", t, pack_state(self._device_part(u)))
+                self.links[u].flush()
         for u in selected:
+            prof = srv.profile
             delay = prof.release.get(u, 0.0) + prof.server.get(u, 0.0) + prof.tail.get(u, 0.0)
-            server.selector.record(u, u in finished, server.device_loss.get(u), delay or None)
-        save_adapters(out / "rounds" / f"round_{t:04d}", global_state, server.config_json)
+            srv.selector.record(u, u in finished, srv.device_loss.get(u), delay or None)
         round_info = {"round_selected": selected, "round_finished": finished, "round_dropped": dropped,
-                      "round_skipped": skipped, "round_s": round_s}
-        step_records[-1].update(round_info)
-        if star.mobility != "none" or skipped:
-            log.info("round %d: selected %s finished %s dropped %s%s", t, selected, finished, dropped,
-                     " (skipped: fewer than star.min_devices)" if skipped else "")
-        every, done = cfg.run.eval_every, (t + 1) * star.local_steps
-        if every and server.n_eval and done // every > (done - star.local_steps) // every and t + 1 < star.rounds:
-            step_records[-1].update(server.evaluate())
-        for r in step_records:
-            recorder.step(r)
-        last = [r["loss"] for r in step_records if "loss" in r]
-        if last:
-            loss = last[-1]
-        log.info("round %d/%d loss %.4f devices %s", t + 1, star.rounds, loss, selected)
-        rounds_log.append(round_info)
-    bar.close()
-    wall = time.perf_counter() - start
-    after = server.evaluate() if server.n_eval else {}
-    for u in topo.devices:
-        raw.send(u, CONTROL, -97, 0, [torch.tensor([STOP, 0, 0])])
-    raw.flush()
-    save_adapters(out / "adapter", global_state, server.config_json)
-    ranks = gather_rank_rows(topo.world_size, {"rank": 0, "blocks": [min(topo.depths), L], "fwd_s": server.fwd_s,
-                                               "bwd_s": server.bwd_s, "train_cpu_s": train_cpu_s}, raw.counters)
-    summary = {
-        "mode": cfg.pipeline.mode, "world_size": topo.world_size, "steps": cfg.run.steps, "rounds": star.rounds,
-        "final_loss": loss, **({"eval_loss": after["eval_loss"], "eval_before": before, "eval_after": after}
-                               if after else {}),
-        "tokens_per_s": tokens / max(train_s, 1e-9), "wall_s": wall, "train_s": train_s, "num_blocks": L,
-        "device_blocks": topo.depths, "compress": {"topk": cfg.compress.topk, "bits": cfg.compress.bits,
-                                                   "lossless": cfg.compress.lossless},
-        **({"allocation": topo.allocation} if topo.allocation else {}),
-        "bytes_on_wire": sum(r["bytes_sent"] for r in ranks), "server": server.memory_report(), "ranks": ranks,
-        "rounds_log": rounds_log,
-    }
-    recorder.summary(summary)
-    if after:
-        log.info("eval after training: %s (before: %s)", _fmt(after), _fmt(before))
-    return summary
+                      "round_skipped": skipped, "round_s": round_s,
+                      **({"round_lost": {str(u): why for u, why in self.lost_now.items()}} if self.lost_now else {})}
+        records[-1].update(round_info)
+        if star.mobility != "none" or skipped or self.lost_now:
+            log.info("round %d: selected %s finished %s dropped %s lost %s%s", t, selected, finished, dropped,
+                     sorted(self.lost_now), " (skipped: fewer than star.min_devices)" if skipped else "")
+        self.train_cpu_s += time.process_time() - cpu0
+        if commit:
+            self.rounds_log.append(round_info)
+            self.device_states.update(states)
+            self._commit()
+            save_adapters(Path(cfg.run.out_dir) / "rounds" / f"round_{t:04d}", self.global_state, self.adapter_config)
+        for r in records:
+            r["note"] = f"round {t + 1}/{star.rounds} devices {selected}"
+        return UnitResult(records=records, tokens=tokens, loss=loss, nonfinite=nonfinite)
+
+    def evaluate(self) -> dict:
+        live = sorted(self.live)
+        evaluator = live[0] if live else None
+        plans = {u: eval_plan(u == evaluator, self.n_eval, self.server.privacy) for u in live}
+        self._send_all(plans, "command", -1, {u: [EVAL, int(u == evaluator), 0] for u in live})
+        for u in live:
+            if u != evaluator:
+                with self._exchange(u, -1, "evaluating"):
+                    self.links[u].flush()
+        if evaluator is None:
+            log.error("no device left to evaluate with")
+            return {}
+        with self._exchange(evaluator, -1, "evaluating"):
+            return self.server.evaluate(evaluator, self.links[evaluator], self.n_eval)
+        return {}  # the evaluator was lost on the way
+
+    def state(self) -> tuple[dict, dict]:
+        return self.committed
+
+    def adapters(self) -> dict[str, torch.Tensor]:
+        return self.global_state
+
+    def finish(self) -> dict:
+        cfg, srv, topo = self.cfg, self.server, self.topo
+        own = {"rank": 0, "blocks": [min(topo.depths), topo.num_blocks], "fwd_s": srv.fwd_s, "bwd_s": srv.bwd_s,
+               "train_cpu_s": self.train_cpu_s}
+        rows = {0: decode_row(rank_row(own, Counters.total(link.wire.counters for link in self.links.values())),
+                              list(own))}
+        self._send_all({u: stop_plan() for u in self.live}, "command", -2, {u: [STOP, 0, 0] for u in self.live})
+        for u in sorted(self.live):
+            with self._exchange(u, -2, "receiving the device's summary row"):
+                rows[u] = decode_row(self.links[u].recv("row", -2)[0], list(own))
+                self.links[u].flush()
+        for u in topo.devices:
+            if u not in rows:  # what the server knows of a lost device
+                rows[u] = {"rank": u, "blocks": [0, topo.depth(u)], "lost": self.lost[u]}
+        ranks = [rows[r] for r in range(topo.world_size)]
+        return {
+            "rounds": cfg.star.rounds, "num_blocks": topo.num_blocks, "device_blocks": topo.depths,
+            "compress": {"topk": cfg.compress.topk, "bits": cfg.compress.bits, "lossless": cfg.compress.lossless},
+            **({"allocation": topo.allocation} if topo.allocation else {}),
+            "bytes_on_wire": sum(r.get("bytes_sent", 0) for r in ranks), "server": srv.memory_report(),
+            "ranks": ranks, "rounds_log": self.rounds_log, "lost_devices": {str(u): v for u, v in self.lost.items()}}
+
+    # -- state
+    def _device_part(self, device: int) -> dict[str, torch.Tensor]:
+        return {k: self.global_state[k] for k in self.device_keys[device] if k in self.global_state}
+
+    def _device_restore(self, device: int) -> dict[str, torch.Tensor]:
+        state = self.device_states.get(device, {"optim": {}, "steps_done": 0, "last_bwd_s": 0.0})
+        return {**self._device_part(device), **state["optim"],
+                "info": torch.tensor([state["steps_done"], state["last_bwd_s"]], dtype=torch.float64)}
+
+    def _commit(self) -> None:
+        """Snapshot what a checkpoint after this round holds (Note: checkpoint layout in checkpoint.py): the
+        global adapter, every server set's and device's AdamW state, and the JSON state of selection, mobility
+        and scheduling. Server sets and devices hold the global adapter itself after the round."""
+        srv = self.server
+        tensors = {k: v.clone() for k, v in self.global_state.items()}
+        for name, adapters in srv.sets.items():
+            tensors.update({k: v.clone() for k, v in checkpoint.optimizer_tensors(
+                adapters, srv.optimizers[name], prefix=f"server/{name}/").items()})
+        for u, st in self.device_states.items():
+            tensors.update({f"devices/{u}/{k}": v for k, v in st["optim"].items()})
+        state = {
+            "selector": {str(u): vars(s).copy() for u, s in srv.selector.stats.items()},
+            "rng": [srv.rng.getstate()[0], list(srv.rng.getstate()[1]), srv.rng.getstate()[2]],
+            "profile": {name: {str(u): v for u, v in getattr(srv.profile, name).items()}
+                        for name in ("release", "server", "tail", "step_time")},
+            "device_loss": {str(u): v for u, v in srv.device_loss.items()},
+            "devices": {str(u): {"steps_done": st["steps_done"], "last_bwd_s": st["last_bwd_s"]}
+                        for u, st in self.device_states.items()},
+            "rounds_log": self.rounds_log}
+        self.committed = (tensors, state)
+
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        srv = self.server
+        self.global_state = {k: v for k, v in tensors.items() if not k.startswith(("server/", "devices/"))}
+        srv.load_global(self.global_state)
+        for name, adapters in srv.sets.items():
+            checkpoint.load_optimizer_tensors(tensors, adapters, srv.optimizers[name], prefix=f"server/{name}/")
+        for u, info in state["devices"].items():
+            prefix = f"devices/{u}/"
+            self.device_states[int(u)] = {"optim": {k[len(prefix):]: v for k, v in tensors.items()
+                                                    if k.startswith(prefix)}, **info}
+        srv.selector.stats = {int(u): DeviceStats(**s) for u, s in state["selector"].items()}
+        version, internal, gauss = state["rng"]
+        srv.rng.setstate((version, tuple(internal), gauss))
+        for name, values in state["profile"].items():
+            setattr(srv.profile, name, {int(u): v for u, v in values.items()})
+        srv.device_loss = {int(u): v for u, v in state["device_loss"].items()}
+        self.rounds_log = list(state["rounds_log"])
+        self._commit()
+
+

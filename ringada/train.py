@@ -154,15 +154,26 @@ class RunRecorder:
 
     def step(self, record: dict) -> None:
         if self.enabled:
-            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.write(json.dumps(json_safe(record)) + "\n")
             self._metrics.flush()
 
     def summary(self, summary: dict) -> None:
         if self.enabled:
             tmp = self.out / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.write_text(json.dumps(json_safe(summary), indent=2))
             tmp.replace(self.out / "summary.json")
             self._metrics.close()
+
+
+def json_safe(value):
+    """Strict JSON: NaN and Infinity (which json.dumps would write, and strict readers refuse) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _steps_before(path: Path, step: int) -> list[str]:

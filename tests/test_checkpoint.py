@@ -4,6 +4,7 @@ incomplete checkpoints are never read; a resume that does not fit the launch is 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from ringada import checkpoint
 from ringada.config import ConfigError, load
-from ringada.runtime import train as run_single
+from ringada.launch import train as run_single
 
 
 def _raw(out, model_dir, data, steps, mode="single", unfreeze=None, **run):
@@ -45,20 +46,23 @@ def test_single_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tmp_p
                                                                            unfreeze):
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_single(_cfg(_raw(full, tiny_dirs["llama"], token_jsonl, 6, unfreeze=unfreeze)))
-    # an earlier run's checkpoint in the same directory is cleared by the next fresh run
-    checkpoint.write_rank(cut, 5, 0, {"adapter/x": torch.zeros(1)})
-    checkpoint.write_manifest(cut, 5, {"step": 5, "world_size": 1, "partition": [4]})
+    # an earlier run's checkpoint in the same directory: resume=false starts over and deletes it
+    checkpoint.save(cut, 5, {"x": torch.zeros(1)}, {"family": "pipeline", "config": {}})
     # the interrupted run: checkpoints after steps 2 and 4, then stops
-    run_single(_cfg(_raw(cut, tiny_dirs["llama"], token_jsonl, 4, unfreeze=unfreeze, checkpoint_every=2)))
+    run_single(_cfg(_raw(cut, tiny_dirs["llama"], token_jsonl, 4, unfreeze=unfreeze, checkpoint_every=2,
+                         resume=False)))
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     manifest = json.loads((cut / "checkpoints" / "step_00000004" / "manifest.json").read_text())
-    assert manifest["step"] == 4 and manifest["world_size"] == 1
+    assert manifest["step"] == 4 and manifest["world_size"] == 1 and manifest["family"] == "pipeline"
     # a checkpoint whose manifest never got written (a crash mid-way) is not a resume point
     (cut / "checkpoints" / "step_00000005").mkdir()
-    (cut / "checkpoints" / "step_00000005" / "rank0.safetensors").write_bytes(b"half")
-    summary = run_single(_cfg(_raw(cut, tiny_dirs["llama"], token_jsonl, 6, unfreeze=unfreeze, resume=True)))
+    (cut / "checkpoints" / "step_00000005" / "state.safetensors").write_bytes(b"half")
+    # the same command line continues (run.resume: auto, the default)
+    summary = run_single(_cfg(_raw(cut, tiny_dirs["llama"], token_jsonl, 6, unfreeze=unfreeze, checkpoint_every=2)))
     assert summary["resumed_from_step"] == 4
     _same_run(full, cut)
+    # only the newest checkpoints stay, and no torn one
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
     if unfreeze:  # the plateau counter moved the frontier, before and after the resume alike
         frontiers = [json.loads(line)["frontier"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
         assert frontiers == [json.loads(line)["frontier"]
@@ -70,34 +74,76 @@ def test_ring_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(pool2, 
     full, cut = tmp_path / "full", tmp_path / "cut"
     pool2.run(_raw(full, tiny_dirs["llama"], token_jsonl, 6, mode="ring"))
     pool2.run(_raw(cut, tiny_dirs["llama"], token_jsonl, 3, mode="ring", checkpoint_every=3))
+    # one file, written by the initiator: no other box needs the directory
     assert sorted(p.name for p in (cut / "checkpoints" / "step_00000003").iterdir()) == \
-        ["manifest.json", "rank0.safetensors", "rank1.safetensors"]
-    pool2.run(_raw(cut, tiny_dirs["llama"], token_jsonl, 6, mode="ring", resume=True))
+        ["manifest.json", "state.safetensors"]
+    pool2.run(_raw(cut, tiny_dirs["llama"], token_jsonl, 6, mode="ring"))
     assert json.loads((cut / "summary.json").read_text())["resumed_from_step"] == 3
     _same_run(full, cut)
+
+
+def test_a_ring_checkpoint_continues_on_a_smaller_or_larger_ring(pool4, tmp_path, tiny_dirs, token_jsonl):
+    """Keyed by block, a checkpoint of a 2-rank ring continues on 4 ranks, and in one process; the
+    continuations agree (and so equal a single process resumed from the same checkpoint)."""
+    from ringada.launch import train as run_single
+    from tests.reference import assert_adapters_equal
+
+    first = tmp_path / "first"
+    run_single(_cfg(_raw(first, tiny_dirs["llama"], token_jsonl, 3, checkpoint_every=3)))
+    outs = {}
+    for name, mode, part in (("single", "single", None), ("ring4", "ring", [1, 1, 1, 1])):
+        out = tmp_path / name
+        shutil.copytree(first, out)
+        raw = _raw(out, tiny_dirs["llama"], token_jsonl, 6, mode=mode)
+        if part:
+            raw["pipeline"]["partition"] = part
+        if mode == "single":
+            summary = run_single(_cfg(raw))
+        else:
+            pool4.run(raw)
+            summary = json.loads((out / "summary.json").read_text())
+        assert summary["resumed_from_step"] == 3 and summary["world_size"] == (4 if part else 1)
+        outs[name] = out
+    got, want = (load_file(outs[n] / "adapter" / "adapter_model.safetensors") for n in ("ring4", "single"))
+    assert_adapters_equal(got, want)
+    losses = [[json.loads(line)["loss"] for line in (outs[n] / "metrics.jsonl").read_text().splitlines()]
+              for n in ("ring4", "single")]
+    assert losses[0][:3] == losses[1][:3]  # the steps before the checkpoint are kept as they were
+    assert losses[0][3:] == pytest.approx(losses[1][3:], rel=1e-5)
 
 
 def test_resume_is_refused_when_nothing_fits(tmp_path):
     cfg = load(None, [f"run.out_dir={tmp_path}", "run.steps=4", "run.resume=true"])
     with pytest.raises(ConfigError, match="holds no complete checkpoint"):
-        checkpoint.find_resume_point(cfg, 1, [4])
-    for r in range(2):
-        checkpoint.write_rank(tmp_path, 2, r, {"adapter/x": torch.zeros(1)})
-    manifest = {"step": 2, "world_size": 2, "partition": [1, 3], "config": checkpoint.config_fingerprint(cfg)}
-    checkpoint.write_manifest(tmp_path, 2, manifest)
-    with pytest.raises(ConfigError, match=r"written by 2 ranks with partition \[1, 3\]; this launch has 4 ranks"):
-        checkpoint.find_resume_point(cfg, 4, [1, 1, 1, 1])
-    assert checkpoint.find_resume_point(cfg, 2, [1, 3])[1]["step"] == 2
-    # run.steps may grow; the learning rate may not change
-    longer = load(None, [f"run.out_dir={tmp_path}", "run.steps=9", "run.resume=true"])
-    assert checkpoint.find_resume_point(longer, 2, [1, 3])[1]["step"] == 2
-    other = load(None, [f"run.out_dir={tmp_path}", "run.steps=4", "run.resume=true", "optim.lr=0.5"])
-    with pytest.raises(ConfigError, match=r"written with optim.lr=0.0\d+; this launch has optim.lr=0.5"):
-        checkpoint.find_resume_point(other, 2, [1, 3])
-    shorter = load(None, [f"run.out_dir={tmp_path}", "run.steps=1", "run.resume=true"])
+        checkpoint.resume_point(cfg)
+    auto = load(None, [f"run.out_dir={tmp_path}", "run.steps=4"])
+    assert auto.run.resume == "auto" and checkpoint.resume_point(auto) is None  # nothing yet: a fresh start
+    manifest = {"family": "pipeline", "world_size": 2, "config": checkpoint.config_fingerprint(cfg)}
+    checkpoint.save(tmp_path, 2, {"x": torch.zeros(1)}, manifest)
+    assert checkpoint.resume_point(cfg)[1]["step"] == 2
+    assert checkpoint.resume_point(auto)[1]["step"] == 2
+    # run.steps may grow, the partition and the world size may change; the learning rate schedule may not
+    longer = load(None, [f"run.out_dir={tmp_path}", "run.steps=9", "pipeline.mode=ring", "pipeline.partition=[1, 3]"])
+    assert checkpoint.resume_point(longer)[1]["step"] == 2
+    other = load(None, [f"run.out_dir={tmp_path}", "run.steps=4", "optim.weight_decay=0.5"])
+    with pytest.raises(ConfigError, match=r"written with optim.weight_decay=0.0; this launch has "
+                                          r"optim.weight_decay=0.5.*run.resume=false"):
+        checkpoint.resume_point(other)
+    star = load(None, [f"run.out_dir={tmp_path}", "run.steps=4", "pipeline.mode=sfl", "star.rounds=4"])
+    with pytest.raises(ConfigError, match="written by a pipeline run; pipeline.mode='sfl' cannot continue it"):
+        checkpoint.resume_point(star)
+    shorter = load(None, [f"run.out_dir={tmp_path}", "run.steps=1"])
     with pytest.raises(ConfigError, match="after step 2, beyond run.steps=1"):
-        checkpoint.find_resume_point(shorter, 2, [1, 3])
-    (tmp_path / "checkpoints" / "step_00000002" / "rank1.safetensors").write_bytes(b"torn")
-    with pytest.raises(ConfigError, match="rank1.safetensors cannot be read"):
-        checkpoint.find_resume_point(cfg, 2, [1, 3])
+        checkpoint.resume_point(shorter)
+    (tmp_path / "checkpoints" / "step_00000002" / "state.safetensors").write_bytes(b"torn")
+    with pytest.raises(ConfigError, match="state.safetensors cannot be read"):
+        checkpoint.resume_point(cfg)
     assert not list(tmp_path.rglob("*.tmp*"))  # files are renamed into place
+    fresh = load(None, [f"run.out_dir={tmp_path}", "run.steps=4", "run.resume=false"])
+    assert checkpoint.resume_point(fresh) is None
+
+
+def test_checkpoints_refuse_non_finite_tensors(tmp_path):
+    with pytest.raises(AssertionError, match="non-finite"):
+        checkpoint.save(tmp_path, 1, {"x": torch.tensor([float("nan")])}, {})
+    assert checkpoint.latest(tmp_path) is None

@@ -46,7 +46,10 @@ def test_set_overrides_file_values(tmp_path):
     (["pipeline.mode=ring", "pipeline.partition=[2, -1]"], ["pipeline.partition", ">= 0"]),
     (["pipeline.partition=[2, 2]"], ["pipeline.partition", "single"]),
     (["run.steps=1", "pipeline.mode=sfl", "pipeline.early_stop=false"], ["pipeline.early_stop", "single, ring and line"]),
-    (["run.steps=1", "pipeline.mode=sfl", "run.checkpoint_every=1"], ["run.checkpoint_every", "single, ring and line"]),
+    (["run.steps=1", "pipeline.mode=sfl", "run.checkpoint_every=1"], ["run.checkpoint_every", "every round"]),
+    (["run.timeout_s=0"], ["run.timeout_s", "0", "> 0"]),
+    (["run.resume=maybe"], ["run.resume", "'maybe'", "'auto'"]),
+    (["optim.on_nonfinite=ignore"], ["optim.on_nonfinite", "'stop'", "'skip'"]),
     (["run.checkpoint_every=-1"], ["run.checkpoint_every", "-1", ">= 0"]),
     (["data.micro_batches=9"], ["data.micro_batches", "9", "batch_size (8)"]),
     (["data.micro_batches=0"], ["data.micro_batches", "0"]),
@@ -150,3 +153,65 @@ def test_lora_target_typos_are_rejected_before_any_process_starts(tiny_dirs):
         check_target_modules(cfg.adapter, str(tiny_dirs["llama"]), "causal_lm")
     check_target_modules(C.load(None, ["adapter.target_modules=[c_attn]"]).adapter, str(tiny_dirs["gpt2"]),
                          "causal_lm")
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("5e-5", 5e-5), ("1E4", 1e4), ("+.5e1", 5.0)])
+def test_scientific_numbers_are_floats(text, value):
+    # PyYAML (YAML 1.1) reads these as strings
+    lr = C.load(None, [f"optim.lr={text}"]).optim.lr
+    assert isinstance(lr, float) and lr == value
+
+
+def test_scientific_numbers_in_a_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-4\n  eps: 1E-6\n")
+    cfg = C.load(path)
+    assert cfg.optim.lr == 0.0001 and cfg.optim.eps == 1e-6 and isinstance(cfg.optim.lr, float)
+    assert C.load(None, ["optim.betas=[9e-1, 999e-3]"]).optim.betas == [0.9, 0.999]  # list items too
+
+
+@pytest.mark.parametrize("text, words", [
+    ("optim.lr=abc", ["optim.lr", "'abc'", "expected a number"]),
+    ("optim.lr=inf", ["optim.lr", "'inf'", "expected a number"]),
+    ("optim.lr=.inf", ["optim.lr", "inf", "finite"]),
+    ("optim.lr=1e999", ["optim.lr", "inf", "finite"]),
+    ("optim.lr=.nan", ["optim.lr", "nan", "finite"]),
+    ("optim.lr=1e-3x", ["optim.lr", "'1e-3x'", "expected a number"]),
+    ("run.steps=1e3", ["run.steps", "'1e3'", "expected an integer (write 1000)"]),
+])
+def test_numbers_that_are_not_accepted(text, words):
+    with pytest.raises(C.ConfigError) as err:
+        C.load(None, [text])
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+@pytest.mark.parametrize("mode, given, unused", [
+    # a key set to its default says nothing (a run's own config.yaml lists every key)
+    ("ring", {"star": {"rounds": 2, "device_blocks": [1]}, "compress": {"bits": 0, "topk": 1.0},
+              "pipeline": {"schedule": "gpipe"}},
+     ["star.device_blocks", "star.rounds"]),
+    ("line", {"unfreeze": {"every": 2}, "pipeline": {"partition": [1, 1], "profile": "p.yaml"}}, []),
+    ("single", {"pipeline": {"partition": [30], "schedule": "gpipe", "profile": "p.yaml"}, "star": {"alpha": 2.0}},
+     ["pipeline.partition", "star.alpha"]),
+    ("sfl", {"pipeline": {"schedule": "gpipe", "early_stop": True}, "unfreeze": {"initial": 2},
+             "star": {"schedule": "fifo", "profile": "p.yaml", "error_budget": 0.5}, "compress": {"topk": 0.5}},
+     ["pipeline.schedule", "star.error_budget", "unfreeze.initial"]),
+    ("sft", {"pipeline": {"partition": [1, 2]}, "star": {"schedule": "fifo", "error_budget": 0.5}},
+     ["pipeline.partition", "star.schedule"]),
+])
+def test_unused_keys_per_mode(mode, given, unused):
+    raw = {**given, "pipeline": {**given.get("pipeline", {}), "mode": mode}, "run": {"steps": 1}}
+    assert C.unused_keys(raw, C.from_dict(raw)) == unused
+
+
+def test_unused_keys_are_warned_about_once(tmp_path, caplog):
+    path = tmp_path / "c.yaml"
+    path.write_text("pipeline:\n  mode: ring\nstar:\n  rounds: 2\n")
+    with caplog.at_level("WARNING", logger="ringada.config"):
+        C.load(path, ["star.device_blocks=[1]"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "star.device_blocks, star.rounds are not used by pipeline.mode='ring'; they are ignored"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ringada.config"):
+        C.load(path, ["pipeline.mode=sfl", "run.steps=2", "star.local_steps=1"])
+    assert not caplog.records

@@ -5,7 +5,7 @@ import pytest
 from ringada.config import load
 from ringada.data import load_dataset
 from ringada.models import load_tokenizer, resolve_model_dir
-from ringada.runtime import train as run_single
+from ringada.launch import train as run_single
 from tests.reference import load_reference, reference_eval
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from ringada.config import load
 from ringada.data import load_dataset
-from ringada.runtime import train as run_single
+from ringada.launch import train as run_single
 from ringada.train import trainable_count
 from tests.reference import assert_adapters_equal, load_reference, reference_eval, reference_train
 

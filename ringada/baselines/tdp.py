@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,8 +24,9 @@ from torch import nn
 from .. import config as config_mod
 from ..adapters import add_adapters
 from ..cli import setup_logging
-from ..runtime import gather_rank_rows, make_topology, world_from_env
-from ..comm import Counters
+from ..comm import Counters, start_world
+from ..launch import world_from_env
+from ..runtime import gather_rank_rows, make_topology
 from ..data import Batch
 from ..train import input_tokens, load_run_data, loss_sum, make_optimizer, trainable_count
 
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(rank)
     cfg = config_mod.load(args.config, ["pipeline.mode=line", *args.overrides])
     topo = make_topology(cfg, rank, world)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo")
+    start_world(rank, world, cfg.run.timeout_s)
     try:
         lo, hi = topo.blocks
         from ..models import load_model
