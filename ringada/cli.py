@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     if args.command == "train":
+        from .comm import PeerError
+        from .driver import NonFiniteError
         from .launch import train
 
         try:
@@ -137,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         except (config_mod.ConfigError, ValueError, FileNotFoundError) as e:
             print(f"ringada: error: {e}", file=sys.stderr)
             return 2
+        except NonFiniteError as e:
+            print(f"ringada: stopped: {e}", file=sys.stderr)
+            return 3
+        except PeerError as e:  # a peer died or went silent: torchrun --max-restarts restarts from a checkpoint
+            print(f"ringada: error: {e}", file=sys.stderr)
+            return 1
         return 0
     return 2
 

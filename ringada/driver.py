@@ -126,32 +126,34 @@ def drive(cfg: Config, trainer: Trainer, resume: tuple[Path, dict] | None) -> di
         counters["train_s"] += time.perf_counter() - t0
         counters["tokens"] += result.tokens
         done = (unit + 1) * per_unit
-        if result.nonfinite:
-            if cfg.optim.on_nonfinite == "stop":
-                stopped = f"{result.nonfinite}; stopped before any update (optim.on_nonfinite=stop)"
-                if lead:
-                    log.error("%s", stopped)
-                _save_checkpoint(cfg, tr, unit * per_unit, counters)
-                break
+        if result.loss is not None:
+            counters["loss"] = result.loss
+        stop = result.nonfinite is not None and cfg.optim.on_nonfinite == "stop"
+        if result.nonfinite and not stop:
             counters["skipped_steps"] = counters["skipped_steps"] + [r["step"] for r in result.records
                                                                        if r.get("skipped")]
             if lead:
                 log.warning("%s; the update is skipped on every rank (optim.on_nonfinite=skip)", result.nonfinite)
-        if result.loss is not None:
-            counters["loss"] = result.loss
-        if tr.has_eval and _due(cfg.run.eval_every, done, per_unit) and unit + 1 < units:
+        if not stop and tr.has_eval and _due(cfg.run.eval_every, done, per_unit) and unit + 1 < units:
             ev = tr.evaluate()
             if lead and result.records:
                 result.records[-1].update(ev)
-        elapsed = counters["train_s"]
+        note = result.records[-1].get("note", "") if result.records else ""
         for record in result.records:
+            record.pop("note", None)
             record.setdefault("tokens", counters["tokens"])
-            record.setdefault("elapsed_s", elapsed)
+            record.setdefault("elapsed_s", counters["train_s"])
             recorder.step(record)
+        if stop:
+            stopped = f"{result.nonfinite}; stopped before any update (optim.on_nonfinite=stop)"
+            if lead:
+                log.error("%s", stopped)
+            _save_checkpoint(cfg, tr, unit * per_unit, counters)
+            break
         bar.update(per_unit)
         if lead and (done % cfg.run.log_every < per_unit or unit + 1 == units) and counters["loss"] is not None:
-            log.info("step %d/%d loss %.4f tokens/s %.0f%s", done, cfg.run.steps, counters["loss"],
-                     counters["tokens"] / max(counters["train_s"], 1e-9), _unit_note(result))
+            log.info("step %d/%d loss %.4f tokens/s %.0f %s", done, cfg.run.steps, counters["loss"],
+                     counters["tokens"] / max(counters["train_s"], 1e-9), note)
         if _due(tr.checkpoint_every, done, per_unit):
             _save_checkpoint(cfg, tr, done, counters)
     bar.close()
@@ -171,6 +173,7 @@ def drive(cfg: Config, trainer: Trainer, resume: tuple[Path, dict] | None) -> di
         **({"eval_loss": after["eval_loss"], "eval_before": before, "eval_after": after} if after else {}),
         "tokens_per_s": counters["tokens"] / max(counters["train_s"], 1e-9), "wall_s": wall,
         "train_s": counters["train_s"], "skipped_steps": counters["skipped_steps"],
+        "adapter_params": sum(v.numel() for v in final.values()),
         **({"resumed_from_step": start_step} if resumed is not None else {}),
         **({"stopped": stopped} if stopped else {}),
         **own,
@@ -181,11 +184,6 @@ def drive(cfg: Config, trainer: Trainer, resume: tuple[Path, dict] | None) -> di
     if stopped:
         raise NonFiniteError(stopped)
     return summary
-
-
-def _unit_note(result: UnitResult) -> str:
-    last = result.records[-1] if result.records else {}
-    return f" {last['note']}" if "note" in last else ""
 
 
 def _save_checkpoint(cfg: Config, tr: Trainer, step: int, counters: dict) -> None:

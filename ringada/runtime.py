@@ -25,8 +25,8 @@ from . import checkpoint
 from . import config as config_mod
 from . import schedule as sched
 from .adapters import add_adapters, check_target_modules
-from .comm import (ACT, ADAPTERS, CHECKPOINT, GRAD, KIND_NAMES, LABELS, Counters, Wire, collective, decode_names,
-                   encode_names, pack_state, unpack_state)
+from .comm import (ACT, ADAPTERS, CHECKPOINT, GRAD, KIND_NAMES, LABELS, Counters, PeerError, Wire, collective,
+                   decode_names, encode_names, pack_state, unpack_state)
 from .config import Config, ConfigError
 from .data import Batch
 from .models import load_model, num_blocks_of, read_config, resolve_model_dir
@@ -249,6 +249,9 @@ class PipelineRuntime:
                     self.timers.bwd_s += time.perf_counter() - t0
                 elif a.kind == sched.SEND_B:
                     wire.send(a.peer, GRAD, step, a.mb, [inputs.pop(key).grad])
+            except PeerError as e:  # already names rank, peer and step: add the plan's action
+                e.args = (f"{e} [plan action {a}: stage {a.stage} mb {a.mb}]",)
+                raise
             except Exception as e:
                 raise RuntimeError(f"[rank {rank} stage {a.stage} step {step} mb {a.mb} action {a}] {e}") from e
         if wire is not None:

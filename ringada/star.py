@@ -80,7 +80,7 @@ MESSAGES = {
     "top_gradient": (UP, TOP_GRAD, 0),  # smashed [+ loss sum, targets, correct]
     "gradient": (DOWN, GRAD, 0),  # smashed [+ skip flag: a non-finite step updates nothing]
     "device_state": (UP, CHECKPOINT, 1),  # adapters + AdamW state after the round's steps, + [steps, skipped]
-    "global": (DOWN, ADAPTERS, 2),  # the new global adapter (the device's blocks)
+    "global": (DOWN, ADAPTERS, 2),  # the new global adapter (the device's blocks) + [the run stops here]
     "eval_stats": (UP, STATS, 1),  # [loss sum, targets, correct] of the device's head (label privacy)
     "row": (UP, STATS, 2),  # the device's summary row
 }
@@ -369,9 +369,13 @@ class DeviceTrainer(Trainer):
             state = checkpoint.adapter_tensors(self.lora, self.optimizer)
             state["info"] = torch.tensor([self.steps_done, skipped, self.last_bwd_s], dtype=torch.float64)
             link.send("device_state", round_index, pack_state(state))
-        self.lora.load_state_dict(unpack_state(link.recv("global", round_index)))
+        state = unpack_state(link.recv("global", round_index))
+        stopped = bool(state.pop("info")[0])
+        self.lora.load_state_dict(state)
         link.flush()
-        return UnitResult()
+        # the server's verdict on the round: with optim.on_nonfinite=stop, the run ends after it on every rank
+        return UnitResult(nonfinite=f"the server stopped the run in round {round_index} on a non-finite loss or "
+                                    "gradient norm (its log names the step)" if stopped else None)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -898,7 +902,8 @@ class ServerTrainer(Trainer):
         srv.load_global(self.global_state)
         for u in sorted(self.live):
             with self._exchange(u, t, "sending the global adapter"):
-                self.links[u].send("global", t, pack_state(self._device_part(u)))
+                verdict = torch.tensor([int(not commit)])
+                self.links[u].send("global", t, pack_state({**self._device_part(u), "info": verdict}))
                 self.links[u].flush()
         for u in selected:
             prof = srv.profile
