@@ -154,6 +154,8 @@ def _print_plan(cfg, args) -> int:
     from .runtime import make_topology
     from .train import trainable_count
 
+    if cfg.pipeline.mode in ("sfl", "sft"):
+        return _print_star_plan(cfg, args)
     try:
         topo = make_topology(cfg, 0, args.world)
     except (config_mod.ConfigError, ValueError) as e:
@@ -168,6 +170,29 @@ def _print_plan(cfg, args) -> int:
           f"{cfg.data.micro_batches} micro-batches, step {args.step}: {trainable} trainable blocks "
           f"(frontier {num_blocks - trainable}); backward stages {plan.backward}")
     print(plan.format(compute_only=args.compute_only))
+    return 0
+
+
+def _print_star_plan(cfg, args) -> int:
+    """A star's links as data: what each device's link carries at start-up, in one round, an evaluation and
+    the end (^ up to the server, v down to the device)."""
+    from .star import eval_plan, format_plan, make_star_topology, round_plan, start_plan, stop_plan
+
+    try:
+        topo = make_star_topology(cfg, 0, args.world)
+    except (config_mod.ConfigError, ValueError) as e:
+        print(f"ringada: config error: {e}", file=sys.stderr)
+        return 2
+    star = cfg.star
+    round_index = args.step // star.local_steps
+    print(f"{cfg.pipeline.mode}, {len(topo.devices)} devices at depths {topo.depths} of {topo.num_blocks} blocks, "
+          f"round {round_index} ({star.local_steps} local steps, every device selected, none leaving)")
+    print(f"start (each device): {format_plan(start_plan(resuming=False))}")
+    print(f"round (each device): "
+          f"{format_plan(round_plan(round_index, star.local_steps, star.local_steps, star.label_privacy))}")
+    n_eval = cfg.run.eval_batches if cfg.data.eval else 0
+    print(f"eval (device {topo.devices[0]}): {format_plan(eval_plan(True, n_eval, star.label_privacy))}")
+    print(f"end: {format_plan(stop_plan())}")
     return 0
 
 

@@ -97,7 +97,8 @@ class Msg:
         return MESSAGES[self.name][0]
 
     def __str__(self) -> str:
-        return f"{'^' if self.direction == UP else 'v'}{self.name}@{self.step}"
+        arrow = {UP: "^", DOWN: "v"}.get(MESSAGES.get(self.name, ("?",))[0], "?")
+        return f"{arrow}{self.name}@{self.step}"
 
 
 def start_plan(resuming: bool) -> list[Msg]:
