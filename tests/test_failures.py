@@ -331,7 +331,7 @@ def test_nonfinite_stop_stops_every_rank_after_the_same_step(pool2, tmp_path, ti
     assert text.count("NonFiniteError") >= 2 and "--- rank 0" in text and "--- rank 1" in text
     # ring: the state before step 1; star: before the round with the non-finite step (its first)
     step = 1 if mode == "ring" else 0
-    assert f"at step 1" in text and (out / "checkpoints" / f"step_{step:08d}" / "manifest.json").exists()
+    assert "at step 1" in text and (out / "checkpoints" / f"step_{step:08d}" / "manifest.json").exists()
     assert _all_finite(_adapter(out))
 
 
