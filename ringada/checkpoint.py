@@ -85,9 +85,8 @@ def config_fingerprint(cfg: Config) -> dict:
 
 def clear(out_dir: str | Path) -> None:
     """``run.resume: false`` starts over: an earlier run's checkpoints in out_dir are removed."""
-    root = Path(out_dir) / "checkpoints"
-    if root.is_dir():
-        shutil.rmtree(root)
+    # every rank of a run sharing out_dir may clear it at once (before any of them writes one)
+    shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
 
 
 def save(out_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], manifest: dict) -> Path:

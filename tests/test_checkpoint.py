@@ -147,3 +147,29 @@ def test_checkpoints_refuse_non_finite_tensors(tmp_path):
     with pytest.raises(AssertionError, match="non-finite"):
         checkpoint.save(tmp_path, 1, {"x": torch.tensor([float("nan")])}, {})
     assert checkpoint.latest(tmp_path) is None
+
+
+def test_a_newer_checkpoint_on_a_box_that_is_not_rank_0_is_not_ignored(pool2, tmp_path, tiny_dirs, token_jsonl):
+    """After a restart that moved rank 0 to another box, the box holding the newest checkpoint says so instead
+    of the run silently starting over. (Two "boxes": each rank gets its own out_dir.)"""
+    import os
+    import subprocess
+    import sys
+
+    from tests.ranks import REPO, free_port
+
+    raw = _raw(tmp_path / "box1", tiny_dirs["llama"], token_jsonl, 4, mode="ring", checkpoint_every=2)
+    pool2.run(raw)  # box1 held rank 0 then
+    sets = [f"{section}.{k}={json.dumps(v)}" for section, keys in raw.items() for k, v in keys.items()
+            if (section, k) != ("run", "out_dir")]
+    port, procs = free_port(), []
+    for rank, box in ((0, "box0"), (1, "box1")):  # now box0, with no checkpoint, is rank 0
+        args = [a for s in sets + [f"run.out_dir={tmp_path / box}"] for a in ("--set", s)]
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "TOKENIZERS_PARALLELISM": "false"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "ringada", "train", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 2 and "another box holds a checkpoint after step 4" in out, out[-2000:]
+    assert not (tmp_path / "box0" / "adapter").exists()
