@@ -40,7 +40,9 @@ class Bottleneck(nn.Module):
         self.up = nn.Linear(width, hidden)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.up(nn.functional.gelu(self.down(self.dropout(hidden))))
+        # fp32 adapter on a (possibly bf16) base: compute in the adapter's precision, add back in the base's
+        x = self.dropout(hidden).to(self.down.weight.dtype)
+        return hidden + self.up(nn.functional.gelu(self.down(x))).to(hidden.dtype)
 
 
 def _bottleneck_hook(module: nn.Module, args, output):

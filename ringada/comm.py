@@ -1,17 +1,26 @@
-"""The one module that calls torch.distributed point-to-point: a tensor-only wire format with byte counters.
+"""The one module that calls torch.distributed point-to-point: process groups, a tensor-only wire, byte counters.
 
-Wire format (Note: wire format). A message is a fixed int64 header followed by its payload tensors, each sent
-as a separate tagged isend:
+Wire format (Note: wire format). A message is a fixed int64 header followed by its payload tensors:
 
     header = [MAGIC, kind, step, micro_batch, n_tensors, sent_ns, (dtype, ndim, d0, d1, d2, d3) * MAX_TENSORS]
 
-The receiver pre-posts header receives for every message its plan expects (``expect``), then on ``recv`` checks
-the header against what it expects (kind, step, micro-batch), allocates the payload from the header and receives
-it. No pickle, no object collectives: names (e.g. adapter keys) travel as uint8 tensors.
+Every (src, dst) pair is a FIFO channel: messages are received in the order they were sent, and both ends take
+that order from the same plan (``schedule.build_schedule`` checks it for every channel; a star link's plan is
+checked as it passes). The receiver reads the header, checks it names the message it expects (kind, step,
+micro-batch; a mismatch is an ordering bug and an error), allocates the payload from it and receives it. No
+tags and no receives posted ahead, which is exactly what NCCL requires, so the CPU suite on gloo exercises the
+order NCCL needs. No pickle, no object collectives: names (e.g. adapter keys) travel as uint8 tensors.
 
-Tags are derived from (step, direction/kind, micro-batch, part), so a message can never land in a buffer meant
-for another. Sends never block the caller: their works are kept and waited for in ``flush`` (end of a step),
-which keeps the send buffers alive until then. On gloo, batched P2P (batch_isend_irecv) is avoided on purpose.
+Transports. Headers always travel on a gloo group (CPU). Payloads: on gloo too, as CPU tensors; when ranks
+compute on CUDA over gloo (several ranks sharing a GPU), through pinned host buffers; with NCCL (a GPU per rank)
+on two NCCL groups, one per direction (Note: NCCL channels). Sends never block the caller: their works are kept
+and waited for in ``flush``, which keeps the send buffers alive until then. Batched P2P (batch_isend_irecv) is
+avoided on purpose (a history of hangs on gloo).
+
+Note (NCCL channels): NCCL puts both directions between two ranks on one stream, so a rank that sends to its
+neighbour while the neighbour sends to it can wait forever for a receive queued behind the other's send. With
+one group for messages to a higher rank and one for messages to a lower rank, each pair's stream in a group
+carries one direction only, and FIFO channels are all that is needed.
 """
 
 from __future__ import annotations
@@ -32,23 +41,15 @@ MAGIC = 0x52494E47  # "RING"
 MAX_TENSORS = 3
 HEADER_LEN = 6 + 6 * MAX_TENSORS
 HEADER_BYTES = HEADER_LEN * 8
-MAX_MICRO_BATCHES = 4096
 
-# Message kinds (at most 15: the tag reserves 4 bits for them).
+# Message kinds (named in the header and in the byte counters).
 ACT, GRAD, LABELS, ADAPTERS, TOP, TOP_GRAD, CONTROL, CHECKPOINT, STATS = 1, 2, 3, 4, 5, 6, 7, 8, 9
 KIND_NAMES = {ACT: "activation", GRAD: "gradient", LABELS: "labels", ADAPTERS: "adapters", TOP: "top_hidden",
               TOP_GRAD: "top_gradient", CONTROL: "control", CHECKPOINT: "checkpoint", STATS: "stats"}
-_KIND_SLOTS = 16
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool,
            torch.float64]
 _DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
-
-
-def tag_for(step: int, kind: int, micro_batch: int, part: int) -> int:
-    """Unique per (step mod 64, kind, micro-batch, part); fits in a signed 32-bit tag."""
-    assert 0 <= micro_batch < MAX_MICRO_BATCHES and 0 <= part <= MAX_TENSORS and 0 < kind < _KIND_SLOTS
-    return ((((step % 64) * _KIND_SLOTS + kind) * MAX_MICRO_BATCHES + micro_batch) * (MAX_TENSORS + 1)) + part
 
 
 def encode_header(kind: int, step: int, micro_batch: int, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -87,8 +88,10 @@ def payload_bytes(tensors: list[torch.Tensor]) -> int:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def start_world(rank: int, world_size: int, timeout_s: float, backend: str = "gloo") -> None:
-    """Join the default process group, every wait bounded by ``timeout_s`` (Note: restart store).
+def start_world(rank: int, world_size: int, timeout_s: float, backend: str = "gloo"):
+    """Join the default process group (gloo: collectives on CPU tensors and message headers), every wait bounded
+    by ``timeout_s`` (Note: restart store). With ``backend="nccl"`` also create the two NCCL groups that carry
+    payloads and return them (up, down); else None.
 
     Note (restart store): under torchrun the workers share the agent's TCPStore, and a static or c10d
     rendezvous keeps that store across ``--max-restarts`` restarts. torch 2.13 gives the workers no per-attempt
@@ -106,8 +109,19 @@ def start_world(rank: int, world_size: int, timeout_s: float, backend: str = "gl
                           multi_tenant=True)
     attempt = f"ringada/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/" \
               f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    dist.init_process_group(backend, store=dist.PrefixStore(attempt, store), rank=rank, world_size=world_size,
+    dist.init_process_group("gloo", store=dist.PrefixStore(attempt, store), rank=rank, world_size=world_size,
                             timeout=timeout)
+    if backend == "nccl":  # payloads only, one group per direction (Note: NCCL channels)
+        return dist.new_group(backend="nccl", timeout=timeout), dist.new_group(backend="nccl", timeout=timeout)
+    return None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this rank computes and what carries its payloads (NCCL groups up/down, or None: the gloo group)."""
+
+    device: torch.device = torch.device("cpu")
+    data_groups: tuple | None = None
 
 
 def link_group(members: list[int], timeout_s: float):
@@ -186,35 +200,49 @@ class Counters:
 
 
 class Wire:
-    """Point-to-point messages of one rank. ``sent_log`` records (kind, dst, step, mb) of every send."""
+    """Point-to-point messages of one rank, every (src, dst) channel in sending order (Note: wire format).
+    ``sent_log`` records (kind, dst, step, mb) of every send."""
 
-    def __init__(self, rank: int, world_size: int, device: torch.device | None = None, log_messages: bool = False,
-                 link_delay=None, group=None, timeout_s: float | None = None):
-        """``link_delay(nbytes) -> seconds``, when given, holds every received message until its send time plus
-        that delay (link emulation on one box: both ends share the clock). ``group``: the process group the
-        messages travel in (default: the world); ``timeout_s`` only words errors (the group's own timeout bounds
-        every wait)."""
-        self.link_delay = link_delay
+    def __init__(self, rank: int, device: torch.device | None = None, *, group=None, data_groups=None,
+                 timeout_s: float | None = None, log_messages: bool = False, link_delay=None):
+        """``group``: the gloo group headers travel in (default: the world), payloads too unless ``data_groups``
+        (NCCL: one group per direction, see Note: NCCL channels) carry them. With CUDA compute and no data
+        groups, payloads are staged through pinned host memory. ``timeout_s`` only words errors (the groups' own
+        timeouts bound every wait). ``link_delay(nbytes) -> seconds``, when given, holds every received message
+        until its send time plus that delay (link emulation on one box: both ends share the clock)."""
         self.rank = rank
-        self.world_size = world_size
         self.device = device or torch.device("cpu")
-        self.group = group
-        self.timeout_s = timeout_s
+        self.group, self.data_groups, self.timeout_s = group, data_groups, timeout_s
+        self.staged = self.device.type == "cuda" and data_groups is None
+        self.link_delay = link_delay
         self.counters = Counters()
         self.log_messages = log_messages
         self.sent_log: list[tuple[int, int, int, int]] = []
         self._pending_sends: list = []
-        self._posted: dict[tuple[int, int, int, int], tuple[torch.Tensor, object]] = {}
+
+    def _payload_group(self, src: int, dst: int):
+        if self.data_groups is None:
+            return self.group
+        return self.data_groups[0] if src < dst else self.data_groups[1]
 
     # -- sending
     def send(self, dst: int, kind: int, step: int, micro_batch: int, tensors: list[torch.Tensor]) -> None:
+        """Queue one message; never blocks (the buffers stay alive until ``flush``)."""
         assert dst != self.rank, "a rank never sends to itself"
         tensors = [t.detach().contiguous() for t in tensors]
         header = encode_header(kind, step, micro_batch, tensors)
+        if self.staged:
+            # gloo reads host memory: copy to pinned buffers (all copies in flight at once), then wait for them
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors):
+                h.copy_(t, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            tensors = host
         try:
-            for part, t in enumerate([header, *tensors]):
-                work = dist.isend(t, dst, group=self.group, tag=tag_for(step, kind, micro_batch, part))
-                self._pending_sends.append((work, t, dst, kind, step))
+            self._pending_sends.append((dist.isend(header, dst, group=self.group), header, dst, kind, step))
+            payload = self._payload_group(self.rank, dst)
+            for t in tensors:
+                self._pending_sends.append((dist.isend(t, dst, group=payload), t, dst, kind, step))
         except RuntimeError as e:
             raise self._error(dst, step, f"sending {KIND_NAMES[kind]} (mb {micro_batch})", e) from e
         self.counters.add("sent", kind, HEADER_BYTES + payload_bytes(tensors))
@@ -222,36 +250,30 @@ class Wire:
             self.sent_log.append((kind, dst, step, micro_batch))
 
     # -- receiving
-    def expect(self, src: int, kind: int, step: int, micro_batch: int) -> None:
-        """Pre-post the header receive of a message the plan says will come."""
-        key = (src, kind, step, micro_batch)
-        if key not in self._posted:
-            header = torch.empty(HEADER_LEN, dtype=torch.int64)
-            try:
-                work = dist.irecv(header, src, group=self.group, tag=tag_for(step, kind, micro_batch, 0))
-            except RuntimeError as e:
-                raise self._error(src, step, f"receiving {KIND_NAMES[kind]} (mb {micro_batch})", e) from e
-            self._posted[key] = (header, work)
-
     def recv(self, src: int, kind: int, step: int, micro_batch: int) -> list[torch.Tensor]:
-        self.expect(src, kind, step, micro_batch)
-        header, work = self._posted.pop((src, kind, step, micro_batch))
+        """The next message of the channel from ``src``, which must be the one named (else an error: the two
+        ends disagree about the order)."""
         t0 = time.perf_counter()
         action = f"receiving {KIND_NAMES[kind]} (mb {micro_batch})"
+        header = torch.empty(HEADER_LEN, dtype=torch.int64)
         try:
-            work.wait()
+            dist.irecv(header, src, group=self.group).wait()
             got_kind, got_step, got_mb, specs = decode_header(header)
             if (got_kind, got_step, got_mb) != (kind, step, micro_batch):
                 raise RuntimeError(f"expected {KIND_NAMES[kind]} of step {step} mb {micro_batch}, got "
                                    f"{KIND_NAMES.get(got_kind, got_kind)} of step {got_step} mb {got_mb}")
-            tensors = [torch.empty(shape, dtype=dtype) for dtype, shape in specs]
-            works = [dist.irecv(t, src, group=self.group, tag=tag_for(step, kind, micro_batch, part + 1))
-                     for part, t in enumerate(tensors)]
+            on_gpu = self.data_groups is not None
+            tensors = [torch.empty(shape, dtype=dtype, device=self.device if on_gpu else "cpu",
+                                   pin_memory=self.staged) for dtype, shape in specs]
+            payload = self._payload_group(src, self.rank)
+            works = [dist.irecv(t, src, group=payload) for t in tensors]
             for w in works:
                 w.wait()
         except RuntimeError as e:
             raise self._error(src, step, action, e) from e
         nbytes = HEADER_BYTES + payload_bytes(tensors)
+        if self.staged:
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
         if self.link_delay is not None:
             hold = int(header[5]) / 1e9 + self.link_delay(nbytes) - time.time()
             if hold > 0:
@@ -268,12 +290,10 @@ class Wire:
                 work.wait()
             except RuntimeError as e:
                 raise self._error(dst, step, f"sending {KIND_NAMES[kind]}", e) from e
-        assert not self._posted, f"rank {self.rank}: expected messages never consumed: {list(self._posted)}"
 
     def abandon(self) -> None:
-        """Forget every outstanding send and posted receive (the peer is gone; nothing will complete)."""
+        """Forget every outstanding send (the peer is gone; nothing will complete)."""
         self._pending_sends.clear()
-        self._posted.clear()
 
     def _error(self, peer: int, step: int, action: str, cause: BaseException) -> PeerError:
         return PeerError(self.rank, peer, step, action, cause, self.timeout_s)

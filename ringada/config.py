@@ -54,6 +54,16 @@ class RunConfig:
     `true`: continue, or fail when there is none; `false`: start over (deletes out_dir/checkpoints). A resumed
     run ends with the adapters and losses of an uninterrupted one; it may run on another world size or
     partition (checkpoints are keyed by block)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where each rank computes: `auto` is CUDA when this box has a GPU, else the CPU. A rank on CUDA uses
+    cuda:{LOCAL_RANK % GPUs}: its model slice, adapters, optimizer state and activations live there."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Transport between ranks. `gloo` carries CPU tensors; with CUDA compute, messages go through pinned host
+    buffers (how several ranks share one GPU). `nccl` needs a GPU per rank (ring and line). `auto` is gloo.
+    Star links always use gloo, so that a lost device cannot take the server down."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Precision of the frozen base: its weights, its activations and the hidden states on the wire. Adapters
+    and their AdamW state stay float32. float32 runs match a single process within 1e-5."""
     timeout_s: float = 300.0
     """Deadline of every wait on another rank (process-group start, messages, collectives). A dead or silent
     peer becomes an error naming this rank, the peer, the step and the action; a star server drops the device.
@@ -430,6 +440,16 @@ def validate(cfg: Config) -> None:
                  f"run.checkpoint_every: got {run.checkpoint_every} with pipeline.mode={pipe.mode!r}; star runs "
                  "checkpoint at the end of every round (set it to 0)")
     _require(run.timeout_s > 0, f"run.timeout_s: got {run.timeout_s}; expected seconds > 0, e.g. 300")
+    if run.dtype == "bfloat16":
+        _require(model.task == "causal_lm", "run.dtype: got 'bfloat16' with model.task='classification'; the new "
+                                            "classification head trains in float32 next to the base, which "
+                                            "bfloat16 does not cover yet (use float32)")
+    if run.backend == "nccl":
+        _require(run.device != "cpu", "run.backend: got 'nccl' with run.device='cpu'; NCCL moves CUDA tensors "
+                                      "(use gloo, or run.device=cuda)")
+        _require(pipe.mode in ("ring", "line"), f"run.backend: got 'nccl' with pipeline.mode={pipe.mode!r}; NCCL "
+                                                "serves ring and line (star links use gloo: a lost device must "
+                                                "not take the server down); use gloo or auto")
     _require(bool(run.out_dir), "run.out_dir: got ''; expected a directory path")
 
     if model.task == "classification":

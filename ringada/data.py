@@ -41,6 +41,10 @@ class Batch:
             return int(self.labels.numel())
         return int((self.labels[:, 1:] != IGNORE).sum())
 
+    def to(self, device: torch.device) -> Batch:
+        mask = self.attention_mask.to(device) if self.attention_mask is not None else None
+        return Batch(self.input_ids.to(device), self.labels.to(device), mask)
+
     def split(self, parts: int) -> list[Batch]:
         """Micro-batches of as-equal-as-possible size (the loss weights make any split exact)."""
         chunks = [torch.tensor_split(t, parts) if t is not None else [None] * parts

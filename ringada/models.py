@@ -399,8 +399,9 @@ def _load_tensors(model: nn.Module, sources: dict) -> None:
 
 
 def load_model(path: str, task: str = "causal_lm", num_labels: int = 0, *, blocks: tuple[int, int] | None = None,
-               embed: bool = True, head: bool = True, seed: int = 0) -> CutModel:
-    """Load a model in fp32 with its base frozen, keeping only blocks [lo, hi) and, if asked, embedding / head.
+               embed: bool = True, head: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32) -> CutModel:
+    """Load a model with its base frozen, keeping only blocks [lo, hi) and, if asked, embedding / head. Weights
+    are read in fp32, then cast to ``dtype`` (run.dtype; adapters added later stay fp32).
 
     The model is built on the meta device, cut, and only then given memory, so a process holds (and reads from
     disk) only its own pieces. ``seed`` fixes the initialization of weights the checkpoint lacks (a new
@@ -446,6 +447,8 @@ def load_model(path: str, task: str = "causal_lm", num_labels: int = 0, *, block
     if new:
         log.info("initialized from seed %d (not in the checkpoint): %s", seed, ", ".join(new))
     model.requires_grad_(False)
+    if dtype != torch.float32:
+        model.to(dtype)
     # The frozen base runs in eval mode: its dropout would make results depend on how RNG draws are spread over
     # processes. Adapter dropout stays on (see adapters.py).
     model.eval()

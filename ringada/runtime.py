@@ -25,8 +25,8 @@ from . import checkpoint
 from . import config as config_mod
 from . import schedule as sched
 from .adapters import add_adapters, check_target_modules
-from .comm import (ACT, ADAPTERS, CHECKPOINT, GRAD, KIND_NAMES, LABELS, Counters, PeerError, Wire, collective,
-                   decode_names, encode_names, pack_state, unpack_state)
+from .comm import (ACT, ADAPTERS, CHECKPOINT, GRAD, KIND_NAMES, LABELS, Counters, PeerError, Placement, Wire,
+                   collective, decode_names, encode_names, pack_state, unpack_state)
 from .config import Config, ConfigError
 from .data import Batch
 from .models import load_model, num_blocks_of, read_config, resolve_model_dir
@@ -141,13 +141,15 @@ class StepStats:
 class PipelineRuntime:
     """One rank's slice of the model, its adapters and optimizer, and the executor of plans."""
 
-    def __init__(self, cfg: Config, topo: Topology, device: torch.device):
-        self.cfg, self.topo, self.device = cfg, topo, device
+    def __init__(self, cfg: Config, topo: Topology, place: Placement = Placement()):
+        self.cfg, self.topo, self.device = cfg, topo, place.device
         self.model_dir = str(resolve_model_dir(cfg.model.path))
         self.cut = load_model(cfg.model.path, cfg.model.task, cfg.model.num_labels, blocks=topo.blocks,
-                              embed=topo.holds_embed, head=topo.holds_head, seed=cfg.run.seed)
-        self.cut.model.to(device)
+                              embed=topo.holds_embed, head=topo.holds_head, seed=cfg.run.seed,
+                              dtype=base_dtype(cfg))
+        # adapters are drawn on the CPU (the same values wherever the rank computes), then everything moves
         self.adapters = add_adapters(self.cut, cfg.adapter, cfg.run.seed, base_dir=self.model_dir)
+        self.cut.model.to(self.device)
         self.optimizer = make_optimizer(cfg, self.adapters)
         self.num_blocks = self.cut.num_blocks
         # A classification head always trains; the frontier alone decides for a causal LM.
@@ -159,8 +161,8 @@ class PipelineRuntime:
             profile = load_profile(cfg.pipeline.profile)
             self.slowdown = emulated_slowdown(profile.speed(profile.devices[topo.rank].gflops))
             link_delay = profile.link_seconds
-        self.wire = Wire(topo.rank, topo.world_size, device, log_messages=cfg.run.message_log,
-                         link_delay=link_delay, timeout_s=cfg.run.timeout_s) if topo.world_size > 1 else None
+        self.wire = Wire(topo.rank, self.device, data_groups=place.data_groups, timeout_s=cfg.run.timeout_s,
+                         log_messages=cfg.run.message_log, link_delay=link_delay) if topo.world_size > 1 else None
         self.timers = RankTimers()
         self._plans: dict[tuple, sched.Plan] = {}
 
@@ -205,9 +207,6 @@ class PipelineRuntime:
         ``labels`` (the head holder) their labels; ``total`` the targets counted in the whole batch."""
         rank, wire, stages, backward = self.topo.rank, self.wire, plan.stages, plan.backward
         actions = plan.actions[rank]
-        for a in actions:  # post receives early (headers), wait late
-            if a.kind in (sched.RECV_F, sched.RECV_B):
-                wire.expect(a.peer, ACT if a.kind == sched.RECV_F else GRAD, step, a.mb)
         inputs, outputs, masks, grads, losses = {}, {}, {}, {}, {}
         stats = StepStats()
         for a in actions:
@@ -353,7 +352,7 @@ class PipelineRuntime:
 
     def _run_batch(self, plan, step, train, batch, micro_batches) -> StepStats:
         topo = self.topo
-        micro = [self._to_device(b) for b in batch.split(micro_batches)] if topo.is_initiator else None
+        micro = [b.to(self.device) for b in batch.split(micro_batches)] if topo.is_initiator else None
         labels, total = None, 0
         if topo.holds_head:
             if topo.is_initiator:
@@ -368,12 +367,6 @@ class PipelineRuntime:
         if not train:
             stats.loss *= total  # eval wants loss sums, not the scaled mean
         return stats
-
-    def _to_device(self, batch: Batch) -> Batch:
-        if self.device.type == "cpu":
-            return batch
-        mask = batch.attention_mask.to(self.device) if batch.attention_mask is not None else None
-        return Batch(batch.input_ids.to(self.device), batch.labels.to(self.device), mask)
 
     # -- tensors to and from the initiator (adapters, checkpoints)
     def gather_tensors(self, tensors: dict[str, torch.Tensor], kind: int = CHECKPOINT
@@ -424,6 +417,11 @@ class PipelineRuntime:
             out.mkdir(parents=True, exist_ok=True)
             rows = [[KIND_NAMES[k], dst, step, mb] for k, dst, step, mb in self.wire.sent_log]
             (out / f"rank{self.topo.rank}.json").write_text(json.dumps(rows))
+
+
+def base_dtype(cfg: Config) -> torch.dtype:
+    """run.dtype of the frozen base."""
+    return torch.bfloat16 if cfg.run.dtype == "bfloat16" else torch.float32
 
 
 def emulated_slowdown(speed: float) -> float:
@@ -485,10 +483,27 @@ class PipelineJob:
         check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
         self.data = load_run_data(cfg, read_config(cfg.model.path).vocab_size) if rank == 0 else None
         self.is_lead = self.topo.is_initiator
+        # what this box's out_dir holds (only the initiator writes checkpoints; see build)
+        newest = checkpoint.latest(cfg.run.out_dir)
+        self.newest_here = newest[1]["step"] if newest else -1
 
-    def build(self, refusal: ConfigError | None) -> PipelineTrainer:
+    def build(self, refusal: ConfigError | None, resume_step: int, place: Placement = Placement()
+              ) -> PipelineTrainer:
         """Collective: agree on the lead's resume decision (and a capacity plan), then load this rank's slice."""
         cfg, topo = self.cfg, self.topo
+        if topo.world_size > 1 and refusal is None and cfg.run.resume is not False:
+            # Note: torchrun's c10d rendezvous may hand rank 0 to another box after a restart that changed the
+            # boxes; a newer checkpoint on a box that is no longer rank 0 must not be silently ignored.
+            t = torch.tensor([resume_step if topo.is_initiator else -1, self.newest_here], dtype=torch.int64)
+            with collective(topo.rank, "comparing the boxes' checkpoints", 0, cfg.run.timeout_s):
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            lead_step, newest = t.tolist()
+            if newest > lead_step:
+                raise ConfigError(f"run.resume: another box holds a checkpoint after step {newest} in {cfg.run.out_dir}"
+                                  f", but rank 0 (which reads and writes checkpoints) "
+                                  f"{'found none' if lead_step < 0 else f'continues after step {lead_step}'}; give "
+                                  "every box the same run.out_dir (a shared filesystem) or copy its checkpoints/ "
+                                  "to rank 0's box, or set run.resume=false to start over")
         if topo.world_size > 1:
             plan = [-1] * topo.world_size
             if topo.is_initiator and refusal is None:
@@ -508,7 +523,7 @@ class PipelineJob:
                 self.topo = topo = make_topology(cfg, topo.rank, topo.world_size, partition=t.tolist())
         elif refusal is not None:
             raise refusal
-        return PipelineTrainer(cfg, topo, torch.device("cpu"), self.data)
+        return PipelineTrainer(cfg, topo, place, self.data)
 
 
 def _capacity_plan(cfg: Config, world_size: int) -> list[int]:
@@ -522,9 +537,9 @@ class PipelineTrainer(Trainer):
     """single, ring and line under the shared driver: a unit is one optimizer step. The initiator owns the
     data and the unfreezing schedule and broadcasts each step's frontier; every rank then runs the same plan."""
 
-    def __init__(self, cfg: Config, topo: Topology, device: torch.device, data):
+    def __init__(self, cfg: Config, topo: Topology, place: Placement, data):
         self.cfg, self.topo, self.data = cfg, topo, data
-        self.rt = rt = PipelineRuntime(cfg, topo, device)
+        self.rt = rt = PipelineRuntime(cfg, topo, place)
         self.is_lead, self.mode, self.world_size = topo.is_initiator, topo.mode, topo.world_size
         self.steps_per_unit, self.checkpoint_every = 1, cfg.run.checkpoint_every
         self.adapter_config = rt.adapters.config_json
@@ -641,7 +656,7 @@ def evaluate_adapter(cfg: Config, adapter_dir: str | Path) -> dict:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     eval_set = load_split(cfg, "eval", read_config(cfg.model.path).vocab_size)
-    rt = PipelineRuntime(cfg, topo, torch.device("cpu"))
+    rt = PipelineRuntime(cfg, topo)
     state = load_adapter_file(adapter_dir)
     mine = rt.adapters.state_dict()
     missing, extra = sorted(mine.keys() - state.keys()), sorted(state.keys() - mine.keys())

@@ -45,7 +45,19 @@ or ``1f1b`` (``min(S-1-s, M)`` warm-up forwards, then forward/backward pairs,
 then the remaining backwards), see :func:`stage_order`.  Stages of the same
 rank (stages 0 and ``N`` in the ring) are merged by a lockstep simulation,
 see :func:`build_schedule`, and each compute action is wrapped by the
-receive it needs and the send it feeds.  Every rank ends with one ``STEP``.
+receive it needs and the send it feeds.  The optimizer step after the list is
+not an action: every rank takes it once its list is done.
+
+Channel order
+-------------
+Every (src, dst) pair is a FIFO channel: its messages are received in the
+order they were sent, which is all NCCL offers (it ignores tags) and what the
+wire relies on everywhere.  Where a rank would consume a later message first
+(rank 0 of a ring takes gradients from the closing edge and activations from
+rank N-1 in an order of its own), :func:`build_schedule` moves the receive of
+the earlier message forward, right before the later one; the earlier message
+was sent first, so it has arrived by then and nobody waits longer.
+:meth:`Plan.validate` checks every channel.
 """
 
 from __future__ import annotations
@@ -57,7 +69,7 @@ from typing import NamedTuple
 
 __all__ = [
     "RING", "LINE", "MODES", "GPIPE", "ONE_F_ONE_B", "SCHEDULES",
-    "RECV_F", "F", "SEND_F", "RECV_B", "B", "SEND_B", "STEP",
+    "RECV_F", "F", "SEND_F", "RECV_B", "B", "SEND_B",
     "KINDS", "COMPUTE_KINDS",
     "PlanError", "DeadlockError",
     "Stage", "Action", "Message", "Plan",
@@ -79,9 +91,8 @@ SEND_F = "SEND_F"
 RECV_B = "RECV_B"
 B = "B"
 SEND_B = "SEND_B"
-STEP = "STEP"
-KINDS = (RECV_F, F, SEND_F, RECV_B, B, SEND_B, STEP)
-COMPUTE_KINDS = frozenset({F, B, STEP})
+KINDS = (RECV_F, F, SEND_F, RECV_B, B, SEND_B)
+COMPUTE_KINDS = frozenset({F, B})
 _SENDS = frozenset({SEND_F, SEND_B})
 _RECVS = frozenset({RECV_F, RECV_B})
 
@@ -116,8 +127,8 @@ class Stage:
 class Action:
     """One step of a rank's list.
 
-    ``stage`` is the virtual stage the action belongs to (-1 for ``STEP``),
-    ``mb`` the micro-batch (-1 for ``STEP``) and ``peer`` the other rank of a
+    ``stage`` is the virtual stage the action belongs to, ``mb`` the
+    micro-batch and ``peer`` the other rank of a
     send or receive (``None`` for compute).  A receive carries the stage that
     consumes the message, a send the stage that produced it.
     """
@@ -132,8 +143,6 @@ class Action:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
 
     def __str__(self) -> str:
-        if self.kind == STEP:
-            return "STEP"
         text = f"{_SHORT[self.kind]}{self.stage}.{self.mb}"
         if self.kind in _SENDS:
             return f"{text}>{self.peer}"
@@ -360,8 +369,9 @@ def build_schedule(
     tick, choosing a backward over a forward, then the higher stage (closer to
     the loss), then the lower micro-batch (see :func:`_merge`).  Around each
     compute action the needed ``RECV`` is placed right before it and the
-    ``SEND`` right after it; every list ends with ``STEP``.  The result has
-    passed :meth:`Plan.validate`.
+    ``SEND`` right after it, and receives move forward where a channel must be
+    read in its sending order (see Channel order).  The result has passed
+    :meth:`Plan.validate`.
     """
     stages = build_stages(mode, blocks_per_rank)
     num_ranks = len(blocks_per_rank)
@@ -394,8 +404,8 @@ def build_schedule(
                 acts.append(Action(B, s, m))
                 if s > 0 and bwd[s - 1]:
                     acts.append(Action(SEND_B, s, m, stages[s - 1].rank))
-        acts.append(Action(STEP, -1, -1))
         actions.append(acts)
+    actions = _in_channel_order(actions)
 
     plan = Plan(
         stages=stages,
@@ -409,6 +419,37 @@ def build_schedule(
     )
     plan.validate()
     return plan
+
+
+def _in_channel_order(actions: list[list[Action]]) -> list[list[Action]]:
+    """Move receives forward so that every (src, dst) channel is read in its sending order (see Channel order):
+    where a rank would receive a later message of a channel first, it receives the earlier ones right before."""
+    sent: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
+    for r, acts in enumerate(actions):
+        for a in acts:
+            if a.kind in _SENDS:
+                sent.setdefault((r, a.peer), []).append(_msg_key(a))
+    ordered = []
+    for r, acts in enumerate(actions):
+        receive = {(a.peer, _msg_key(a)): a for a in acts if a.kind in _RECVS}
+        position: dict[int, int] = {}  # source rank -> how many of its messages were received
+        out: list[Action] = []
+        for a in acts:
+            if a.kind not in _RECVS:
+                out.append(a)
+                continue
+            order, i = sent.get((a.peer, r), []), position.get(a.peer, 0)
+            key = _msg_key(a)
+            if key not in order[i:]:
+                continue  # received earlier, in channel order
+            while True:
+                out.append(receive[(a.peer, order[i])])
+                i += 1
+                if order[i - 1] == key:
+                    break
+            position[a.peer] = i
+        ordered.append(out)
+    return ordered
 
 
 # --------------------------------------------------------------------- plan
@@ -470,7 +511,8 @@ class Plan:
         peer, that each stage runs ``F`` once per micro-batch and ``B`` once
         per micro-batch iff it does backward (after its ``F``), that every
         expected transfer has exactly one send (after the producing compute)
-        and one receive (before the consuming compute), that ``STEP`` ends
+        and one receive (before the consuming compute), that every channel
+        is received in its sending order,
         every list, and finally that executing the lists strictly in order,
         with blocking receives and non-blocking sends, terminates
         (:class:`DeadlockError` otherwise).
@@ -492,18 +534,10 @@ class Plan:
         sends: dict[tuple[str, int, int], int] = {}
         recvs: dict[tuple[str, int, int], int] = {}
         for r, acts in enumerate(self.actions):
-            if not acts or not isinstance(acts[-1], Action) or acts[-1].kind != STEP:
-                raise PlanError(f"rank {r}: the list must end with STEP")
             for i, a in enumerate(acts):
                 if not isinstance(a, Action):
                     raise PlanError(f"rank {r} action {i}: not an Action: {a!r}")
                 where = f"rank {r} action {i} ({a})"
-                if a.kind == STEP:
-                    if i != len(acts) - 1:
-                        raise PlanError(f"{where}: STEP must be the last action and appear once")
-                    if a.stage != -1 or a.mb != -1 or a.peer is not None:
-                        raise PlanError(f"{where}: STEP takes stage=-1, mb=-1, peer=None")
-                    continue
                 s, m = a.stage, a.mb
                 if not 0 <= s < s_count:
                     raise PlanError(f"{where}: stage out of range [0, {s_count})")
@@ -557,6 +591,21 @@ class Plan:
                     self._check_transfer((F, s, m), sends, recvs, f_pos[(s, m)], f_pos[(s + 1, m)], s + 1)
                 if s > 0 and bwd[s - 1]:
                     self._check_transfer((B, s, m), sends, recvs, b_pos[(s, m)], b_pos[(s - 1, m)], s - 1)
+
+        sent: dict[tuple[int, int], list] = {}
+        received: dict[tuple[int, int], list] = {}
+        for r, acts in enumerate(self.actions):
+            for a in acts:
+                if a.kind in _SENDS:
+                    sent.setdefault((r, a.peer), []).append(_msg_key(a))
+                elif a.kind in _RECVS:
+                    received.setdefault((a.peer, r), []).append(_msg_key(a))
+        for (src, dst), order in sent.items():
+            got = received.get((src, dst), [])
+            if got != order:
+                i = next(i for i, (x, y) in enumerate(zip(order, got + [None] * len(order))) if x != y)
+                raise PlanError(f"channel rank {src} -> {dst} is not read in its sending order: message {i} sent is "
+                                f"{order[i]}, received is {got[i] if i < len(got) else None}")
 
         _execute(self.actions, _no_cost, None)
 
@@ -643,7 +692,7 @@ def simulate(
 ) -> dict:
     """Time the plan with each rank executing its list strictly in order.
 
-    ``cost(action)`` is the duration of an ``F``, ``B`` or ``STEP``; sends and
+    ``cost(action)`` is the duration of an ``F`` or ``B``; sends and
     receives take no rank time.  ``link_cost(send)``, if given, is the transfer
     time between a send and the moment the matching receive can complete.
     Returns ``{"finish": [...], "busy": [...], "idle": [...], "makespan": t}``

@@ -65,8 +65,6 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
         plan = plans[frontier]
 
         def cost(a: sched.Action) -> float:
-            if a.kind == sched.STEP:
-                return 0.0
             st, c = plan.stages[a.stage], mb_costs[a.mb]
             if a.kind == sched.F:
                 t = (c.embed_s if st.has_embed else 0.0) + st.num_blocks * c.block_fwd_s

@@ -42,7 +42,7 @@ import torch
 from . import checkpoint
 from .adapters import add_adapters, add_lora_sets, check_target_modules, lora_config, save_adapters
 from .comm import (ACT, ADAPTERS, CHECKPOINT, CONTROL, GRAD, LABELS, STATS, TOP, TOP_GRAD, Counters, PeerError,
-                   Wire, link_group, pack_state, unpack_state)
+                   Placement, Wire, link_group, pack_state, unpack_state)
 from .compress import Codec, decode, encode
 from .config import Config, ConfigError, check_against_model
 from .data import Batch, Dataset
@@ -54,7 +54,7 @@ from .federated.selection import DeviceStats, Mobility, Selector, steps_before_l
 from .federated.shards import shard_rows
 from .models import load_model, num_blocks_of, parameter_counts, read_config, resolve_model_dir
 from .profiles import load_profile
-from .runtime import decode_row, rank_row
+from .runtime import base_dtype, decode_row, rank_row
 from .train import correct_count, eval_record, load_run_data, loss_sum, make_optimizer, peak_rss_bytes, run_blocks
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class StarJob:
                               cfg.data.batch_size)[rank - 1]
             self.shard = self.data.train.subset(rows, f"{self.data.train.name}:device{rank}")
 
-    def build(self, refusal: ConfigError | None) -> Trainer:
+    def build(self, refusal: ConfigError | None, resume_step: int, place: Placement = Placement()) -> Trainer:
         """Start-up: one process group per device link (every rank creates them all, in the same order), then
         this rank's role. The server tells the devices about a refusal in its first message."""
         cfg, topo = self.cfg, self.topo
@@ -300,12 +300,12 @@ class StarJob:
         codecs = _link_codecs(cfg, topo)
 
         def link(u: int) -> Link:
-            wire = Wire(topo.rank, topo.world_size, group=groups[u], timeout_s=cfg.run.timeout_s)
+            wire = Wire(topo.rank, place.device, group=groups[u], timeout_s=cfg.run.timeout_s)
             return Link(topo.rank, 0 if u == topo.rank else u, wire, codecs[u], cfg.run.seed)
 
         if topo.is_server:
-            return ServerTrainer(cfg, topo, {u: link(u) for u in topo.devices}, refusal)
-        return DeviceTrainer(cfg, topo, link(topo.rank), self.data, self.shard)
+            return ServerTrainer(cfg, topo, {u: link(u) for u in topo.devices}, refusal, place.device)
+        return DeviceTrainer(cfg, topo, link(topo.rank), self.data, self.shard, place.device)
 
 
 # ------------------------------------------------------------------------------------------------------ devices
@@ -324,18 +324,21 @@ class DeviceTrainer(Trainer):
 
     is_lead = False
 
-    def __init__(self, cfg: Config, topo: StarTopology, link: Link, data, shard: Dataset):
-        self.cfg, self.topo, self.link, self.shard = cfg, topo, link, shard
+    def __init__(self, cfg: Config, topo: StarTopology, link: Link, data, shard: Dataset,
+                 device: torch.device = torch.device("cpu")):
+        self.cfg, self.topo, self.link, self.shard, self.device = cfg, topo, link, shard, device
         self.mode, self.world_size = cfg.pipeline.mode, topo.world_size
         self.steps_per_unit = self.checkpoint_every = cfg.star.local_steps
         self.depth = topo.depth(topo.rank)
         self.privacy = cfg.star.label_privacy
         self.cut = load_model(cfg.model.path, cfg.model.task, cfg.model.num_labels, blocks=(0, self.depth),
-                              embed=True, head=self.privacy, seed=cfg.run.seed)
+                              embed=True, head=self.privacy, seed=cfg.run.seed, dtype=base_dtype(cfg))
         self.lora = add_adapters(self.cut, cfg.adapter, cfg.run.seed, base_dir=str(resolve_model_dir(cfg.model.path)))
+        self.cut.model.to(device)
         self.adapter_config = self.lora.config_json
         self.optimizer = make_optimizer(cfg, self.lora)
-        self.eval_batches = data.eval.eval_batches(cfg.data.batch_size, cfg.run.eval_batches) if data.eval else []
+        self.eval_batches = [b.to(device) for b in data.eval.eval_batches(cfg.data.batch_size, cfg.run.eval_batches)] \
+            if data.eval else []
         self.has_eval = bool(self.eval_batches)
         self.steps_done = 0  # the data position: this device's next batch
         self.times = DeviceTimes()
@@ -458,6 +461,7 @@ class DeviceTrainer(Trainer):
         cpu0 = time.process_time()
         _, batch = self.shard.batch_at(self.steps_done, self.cfg.data.batch_size, self.cfg.data.shuffle,
                                        self.cfg.run.seed + self.topo.rank)
+        batch = batch.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         hidden = self.lower_forward(batch, train=True)
@@ -516,7 +520,7 @@ class Server:
     """The server's compute: the frozen base once (or a copy per device, star.server_copies), the LoRA sets, their
     optimizers, and the measurements its scheduler and client selection use. Knows no wire: links come in."""
 
-    def __init__(self, cfg: Config, topo: StarTopology):
+    def __init__(self, cfg: Config, topo: StarTopology, device: torch.device = torch.device("cpu")):
         self.cfg, self.topo = cfg, topo
         self.sft = cfg.pipeline.mode == "sft"
         self.privacy = cfg.star.label_privacy
@@ -530,7 +534,7 @@ class Server:
 
         def base(lo: int):
             return load_model(cfg.model.path, cfg.model.task, cfg.model.num_labels, blocks=(lo, L), embed=False,
-                              head=not self.privacy, seed=cfg.run.seed)
+                              head=not self.privacy, seed=cfg.run.seed, dtype=base_dtype(cfg))
 
         # name -> (cut model, peft model) serving that LoRA set: one shared frozen base, or (star.server_copies,
         # the baseline memory-efficient SFL improves on) a separate base copy per device
@@ -544,6 +548,8 @@ class Server:
             cut = base(low)
             peft_model, self.sets = add_lora_sets(cut, cfg.adapter, cfg.run.seed, sets, self.model_dir)
             self.models = {name: (cut, peft_model) for name in sets}
+        for cut, _ in self.models.values():  # sets are drawn on the CPU, then everything moves
+            cut.model.to(device)
         self.optimizers = {name: make_optimizer(cfg, a) for name, a in self.sets.items()}
         self.config_json = lora_config(cfg.adapter, cut, self.model_dir).to_dict()
         self.profile = ServerProfile()
@@ -758,11 +764,12 @@ class ServerTrainer(Trainer):
 
     is_lead = True
 
-    def __init__(self, cfg: Config, topo: StarTopology, links: dict[int, Link], refusal: ConfigError | None):
+    def __init__(self, cfg: Config, topo: StarTopology, links: dict[int, Link], refusal: ConfigError | None,
+                 device: torch.device = torch.device("cpu")):
         self.cfg, self.topo, self.links, self.refusal = cfg, topo, links, refusal
         self.mode, self.world_size = cfg.pipeline.mode, topo.world_size
         self.steps_per_unit = self.checkpoint_every = cfg.star.local_steps
-        self.server = Server(cfg, topo)
+        self.server = Server(cfg, topo, device)
         self.adapter_config = self.server.config_json
         self.live = set(topo.devices)
         self.lost: dict[int, dict] = {}  # device -> where and why its link failed
@@ -792,7 +799,8 @@ class ServerTrainer(Trainer):
         link.lost = True
         link.wire.abandon()
         self.live.discard(device)
-        self.lost[device] = {"round": self.round, "step": step, "action": action, "error": str(error)}
+        self.lost[device] = {"round": self.round, "step": step, "action": action, "error": str(error),
+                             "time": time.time()}
         self.lost_now[device] = f"{action} at step {step}: {error}"
         log.warning("device %d lost in round %d (step %d, %s); the run goes on with devices %s: %s", device,
                     self.round, step, action, sorted(self.live), error)

@@ -29,12 +29,16 @@ def test_header_rejects_what_it_cannot_carry():
         comm.decode_header(bad)
 
 
-def test_tags_are_unique_and_fit_in_int32():
-    tags = {comm.tag_for(step, kind, mb, part)
-            for step, kind, mb, part in itertools.product(range(64), (1, 2, 3, 4), range(0, 4096, 97), range(4))}
-    assert len(tags) == 64 * 4 * len(range(0, 4096, 97)) * 4
-    assert max(tags) < 2**31 and min(tags) >= 0
-    assert comm.tag_for(-1, 1, 0, 0) == comm.tag_for(63, 1, 0, 0)  # eval steps wrap like any step
+def test_counters_of_several_links_add_up():
+    a, b = comm.Counters(), comm.Counters()
+    a.add("sent", comm.ACT, 100)
+    a.add("recv", comm.GRAD, 40)
+    b.add("sent", comm.ACT, 10)
+    b.add("sent", comm.ADAPTERS, 5)
+    total = comm.Counters.total([a, b])
+    assert (total.bytes_sent, total.bytes_recv, total.messages_sent, total.messages_recv) == (115, 40, 3, 1)
+    assert total.sent_by_kind == {"activation": [2, 110], "adapters": [1, 5]}
+    assert total.recv_by_kind == {"gradient": [1, 40]}
 
 
 def test_state_packs_into_three_tensors_and_back():

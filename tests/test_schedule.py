@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 
+from ringada.schedule import _execute
 from ringada.schedule import (
     B,
     F,
@@ -12,7 +13,6 @@ from ringada.schedule import (
     RECV_F,
     SEND_B,
     SEND_F,
-    STEP,
     Action,
     DeadlockError,
     Message,
@@ -28,11 +28,11 @@ from ringada.schedule import (
 
 
 def unit(action):
-    return 0.0 if action.kind == STEP else 1.0
+    return 1.0
 
 
 def compute_line(plan, rank):
-    return [str(a) for a in plan.actions[rank] if a.kind in (F, B, STEP)]
+    return [str(a) for a in plan.actions[rank] if a.kind in (F, B)]
 
 
 # ------------------------------------------------------------------ stages
@@ -117,7 +117,6 @@ def test_action_short_form():
     assert str(Action(RECV_F, 1, 3, 0)) == "rF1.3<0"
     assert str(Action(SEND_B, 2, 0, 1)) == "sB2.0>1"
     assert str(Action(RECV_B, 1, 0, 2)) == "rB1.0<2"
-    assert str(Action(STEP, -1, -1)) == "STEP"
     with pytest.raises(ValueError, match="kind"):
         Action("X", 0, 0)
 
@@ -139,18 +138,18 @@ def test_stage_orders():
 def test_line_format_exact():
     plan = build_schedule("line", [1, 1], 2, frontier=0)
     assert plan.format() == (
-        "rank 0: F0.0 sF0.0>1 F0.1 sF0.1>1 rB0.0<1 B0.0 rB0.1<1 B0.1 STEP\n"
-        "rank 1: rF1.0<0 F1.0 rF1.1<0 F1.1 B1.0 sB1.0>0 B1.1 sB1.1>0 STEP"
+        "rank 0: F0.0 sF0.0>1 F0.1 sF0.1>1 rB0.0<1 B0.0 rB0.1<1 B0.1\n"
+        "rank 1: rF1.0<0 F1.0 rF1.1<0 F1.1 B1.0 sB1.0>0 B1.1 sB1.1>0"
     )
-    assert plan.format(compute_only=True).splitlines()[1] == "rank 1: F1.0 F1.1 B1.0 B1.1 STEP"
+    assert plan.format(compute_only=True).splitlines()[1] == "rank 1: F1.0 F1.1 B1.0 B1.1"
 
 
 def test_ring_rank0_merge_prefers_backward_then_higher_stage():
     plan = build_schedule("ring", [1, 1], 2, frontier=0, schedule="1f1b")
     # Tick 5 offers B2.1 and B0.0: the head stage's backward goes first since
     # rank 1 waits for it; B0.0 feeds nobody.
-    assert compute_line(plan, 0) == ["F0.0", "F0.1", "F2.0", "B2.0", "F2.1", "B2.1", "B0.0", "B0.1", "STEP"]
-    assert compute_line(plan, 1) == ["F1.0", "F1.1", "B1.0", "B1.1", "STEP"]
+    assert compute_line(plan, 0) == ["F0.0", "F0.1", "F2.0", "B2.0", "F2.1", "B2.1", "B0.0", "B0.1"]
+    assert compute_line(plan, 1) == ["F1.0", "F1.1", "B1.0", "B1.1"]
 
 
 # ------------------------------------------------------------------- grid
@@ -211,8 +210,6 @@ def test_grid_plans_are_valid_and_complete(mode, parts):
                     kinds = Counter(a.kind for a in flat)
                     assert kinds[F] == n_stages * m_count, ctx
                     assert kinds[B] == sum(bwd) * m_count, ctx
-                    assert kinds[STEP] == plan.num_ranks, ctx
-                    assert all(acts[-1].kind == STEP for acts in plan.actions), ctx
                     msgs = Counter(tuple(m) for m in plan.messages())
                     assert Counter({k: v for k, v in msgs.items() if k[0] == B}) == exp_grads, ctx
                     assert Counter({k: v for k, v in msgs.items() if k[0] == F}) == exp_acts, ctx
@@ -243,13 +240,13 @@ def test_ring_closing_edge():
 def test_nothing_trainable_has_only_forwards():
     plan = build_schedule("ring", [1, 2], 4, frontier=3)
     assert plan.backward == [False, False, False]
-    assert {a.kind for acts in plan.actions for a in acts} == {RECV_F, F, SEND_F, STEP}
+    assert {a.kind for acts in plan.actions for a in acts} == {RECV_F, F, SEND_F}
     assert [m.kind for m in plan.messages()] == [F] * 8
 
 
 def test_line_single_rank():
     plan = build_schedule("line", [3], 2, frontier=3, head_trainable=True)
-    assert compute_line(plan, 0) == ["F0.0", "F0.1", "B0.0", "B0.1", "STEP"]
+    assert compute_line(plan, 0) == ["F0.0", "F0.1", "B0.0", "B0.1"]
     assert plan.messages() == []
 
 
@@ -299,11 +296,11 @@ def test_validate_catches_missing_recv():
 
 def test_validate_catches_cross_wait_deadlock():
     plan = build_schedule("line", [1, 1], 1, frontier=0)
-    # rank 0: F0.0 sF0.0>1 rB0.0<1 B0.0 STEP; waiting for the gradient before
+    # rank 0: F0.0 sF0.0>1 rB0.0<1 B0.0; waiting for the gradient before
     # sending the activation makes both ranks receive first.
     acts = list(plan.actions[0])
-    acts = [acts[2], acts[0], acts[1], acts[3], acts[4]]
-    assert [str(a) for a in acts] == ["rB0.0<1", "F0.0", "sF0.0>1", "B0.0", "STEP"]
+    acts = [acts[2], acts[0], acts[1], acts[3]]
+    assert [str(a) for a in acts] == ["rB0.0<1", "F0.0", "sF0.0>1", "B0.0"]
     with pytest.raises(DeadlockError, match=r"deadlock: rank 0 waits at action 0 \(rB0.0<1\); rank 1 waits"):
         _broken(plan, 0, acts).validate()
     with pytest.raises(DeadlockError):
@@ -319,14 +316,45 @@ def test_validate_catches_ring_order_deadlock():
     i_recv_b = next(i for i, a in enumerate(acts) if a.kind == RECV_B)
     moved = [acts[i_recv_b]] + acts[:i_recv_b] + acts[i_recv_b + 1:]
     with pytest.raises(DeadlockError):
+        _execute(_broken(plan, 1, moved).actions, unit, None)
+    # (validate names the first thing wrong: rank 1 reads its channel from rank 0 out of order)
+    with pytest.raises(ValueError, match="channel rank 0 -> 1 is not read in its sending order"):
         _broken(plan, 1, moved).validate()
+
+
+@pytest.mark.parametrize("mode", ["ring", "line"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_every_channel_is_read_in_its_sending_order(mode, schedule):
+    """What NCCL (which ignores tags) needs, and what the wire relies on: per (src, dst), the receives are in the
+    order of the sends. The ring's rank 0 is where plans would break it without the reordering."""
+    for n in range(2, 6):
+        for m_count in (1, 2, 3, 5, 8):
+            for frontier in range(0, n + 1):
+                plan = build_schedule(mode, [1] * n, m_count, frontier, False, schedule)
+                sent, received = {}, {}
+                for r, acts in enumerate(plan.actions):
+                    for a in acts:
+                        if a.kind in (SEND_F, SEND_B):
+                            sent.setdefault((r, a.peer), []).append((a.kind, a.stage, a.mb))
+                        elif a.kind in (RECV_F, RECV_B):
+                            # the sender's stage: the one below (activations) or above (gradients)
+                            stage = a.stage - 1 if a.kind == RECV_F else a.stage + 1
+                            received.setdefault((a.peer, r), []).append(
+                                (SEND_F if a.kind == RECV_F else SEND_B, stage, a.mb))
+                assert sent == received, (mode, schedule, n, m_count, frontier)
+
+
+def test_a_channel_read_out_of_order_is_rejected():
+    plan = build_schedule("line", [1, 1], 2, frontier=0)
+    acts = list(plan.actions[1])  # rF1.0<0 F1.0 rF1.1<0 F1.1 ...: read mb 1 first
+    acts = [acts[2], acts[0], acts[1], acts[3]] + acts[4:]
+    with pytest.raises(ValueError, match=r"channel rank 0 -> 1 is not read in its sending order: message 0 sent"):
+        _broken(plan, 1, acts).validate()
 
 
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda acts: acts[:-1], "must end with STEP"),
-        (lambda acts: [acts[-1]] + acts, "STEP must be the last"),
         (lambda acts: acts[:1] + acts, "duplicate F0.0"),
         (lambda acts: [a for a in acts if a.kind != B or a.mb != 1], "B0.1 is missing"),
         (lambda acts: [replace(a, peer=0) if a.kind == SEND_F else a for a in acts], "peer must be rank 1"),
@@ -427,12 +455,12 @@ def test_simulate_line_1f1b_matches_gpipe_makespan():
 
 def test_simulate_accounts_busy_plus_idle_and_rejects_negative_cost():
     plan = build_schedule("ring", [0, 2, 3], 4, frontier=1, schedule="1f1b")
-    cost = lambda a: {F: 1.0, B: 2.5, STEP: 0.25}[a.kind]  # noqa: E731
+    cost = lambda a: {F: 1.0, B: 2.5}[a.kind]  # noqa: E731
     res = simulate(plan, cost, link_cost=lambda a: 0.125)
     for r in range(plan.num_ranks):
         assert res["finish"][r] == pytest.approx(res["busy"][r] + res["idle"][r])
     assert res["makespan"] == max(res["finish"])
-    assert res["busy"][1] == pytest.approx(4 * (1.0 + 2.5) + 0.25)
+    assert res["busy"][1] == pytest.approx(4 * (1.0 + 2.5))
     with pytest.raises(ValueError, match="must be >= 0"):
         simulate(plan, lambda a: -1.0)
 
