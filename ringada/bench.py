@@ -180,10 +180,27 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
             "process_s": time.perf_counter() - t0}
 
 
+def not_runnable(system: str, device: str, world: int) -> str | None:
+    """Why ``system`` cannot run here, or None. torch.distributed.pipelining sends CUDA tensors point to point,
+    which gloo does not carry, so on a GPU it needs NCCL and a GPU per rank."""
+    if device != "cuda" or not system.startswith("tdp-"):
+        return None
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus >= world:
+        return None
+    return (f"not run: torch.distributed.pipelining sends CUDA tensors point to point, which needs NCCL and a GPU "
+            f"per rank (gloo does not carry CUDA tensors); this machine has {gpus} GPU(s) for {world} ranks")
+
+
 def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, steps: int = 4,
-              profile: str | None = None, timeout: float = 1800) -> dict:
+              profile: str | None = None, timeout: float = 1800, device: str = "cpu",
+              overrides: list[str] = (), systems: list[str] | None = None) -> dict:
     """Run the suite's systems (with ``profile``: the ring systems ringada can emulate, on those devices and
-    links, next to the simulator's prediction for the same profile) and write bench.json, bench.md and plots."""
+    links, next to the simulator's prediction for the same profile) and write bench.json, bench.md and plots.
+    ``device`` is run.device of every run (the simulator's prediction, from CPU block costs, is left out on a
+    GPU); ``overrides`` (``key=value``) replace the shared settings (e.g. model.path, data.train)."""
     from .models import num_blocks_of
 
     for name, value, least in (("--repeats", repeats, 1), ("--world", world, 2), ("--steps", steps, 1)):
@@ -200,11 +217,23 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
             raise ValueError(f"--profile: {profile} has {devices} devices; expected --world ({world})")
     out.mkdir(parents=True, exist_ok=True)
     settings = base_settings(smoke, out / "data", steps)
+    from .config import parse_override
+
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        settings[f"{section}.{key}"] = value
+    settings["run.device"] = device
     num_blocks = num_blocks_of(settings["model.path"])
-    systems = {"ring": RING_SYSTEMS, "star": STAR_SYSTEMS, "all": RING_SYSTEMS + STAR_SYSTEMS}[suite]
+    suite_systems = {"ring": RING_SYSTEMS, "star": STAR_SYSTEMS, "all": RING_SYSTEMS + STAR_SYSTEMS}[suite]
     if profile:
-        systems = EMULATED_SYSTEMS
+        suite_systems = EMULATED_SYSTEMS
+    unknown = [s for s in systems or [] if s not in suite_systems]
+    if unknown:
+        raise ValueError(f"--systems: {unknown} are not in this suite; choose from {', '.join(suite_systems)}")
+    systems = list(systems or suite_systems)
     cores = os.cpu_count() or 1
+    skipped = {s: why for s in systems if (why := not_runnable(s, device, world))}
+    systems = [s for s in systems if s not in skipped]
     runs: dict[str, list[dict]] = {s: [] for s in systems}
     for rep in range(repeats):
         order = systems[rep % len(systems):] + systems[:rep % len(systems)]  # rotate to spread drift
@@ -222,25 +251,39 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
         if merged["train_cpu_s_per_step"] is not None:
             merged["train_cpu_s_per_step"] = statistics.median(r["train_cpu_s_per_step"] for r in rs)
             merged["cpu_utilization"] = merged["train_cpu_s_per_step"] / (merged["step_s"] * cores)
-        merged["predicted_step_s"], merged["predicted_step_s_core_per_rank"] = (
-            predicted_step(system, settings, world, num_blocks, c, profile, merged["partition"])
-            for c in (cores, None))
-        merged["measured_over_predicted"] = merged["step_s"] / merged["predicted_step_s"]
+        if device == "cpu":
+            merged["predicted_step_s"], merged["predicted_step_s_core_per_rank"] = (
+                predicted_step(system, settings, world, num_blocks, c, profile, merged["partition"])
+                for c in (cores, None))
+            merged["measured_over_predicted"] = merged["step_s"] / merged["predicted_step_s"]
         results.append(merged)
     by_name = {r["system"]: r for r in results}
     for r in results:
         base, ref = by_name.get("tdp-1f1b"), by_name.get(reference_of(r["system"]) or "")
         r["tokens_per_s_vs_tdp_1f1b"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
         r["vs_tdp_1f1b_same_trainable"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
-    errors = [abs(r["measured_over_predicted"] - 1) for r in results]
+    errors = [abs(r["measured_over_predicted"] - 1) for r in results if "measured_over_predicted" in r]
     bench = {"suite": suite, "smoke": smoke, "repeats": repeats, "world_size": world, "settings": settings,
-             "profile": profile,
-             "machine": {"cpus": cores, "python": sys.version.split()[0]}, "results": results,
-             "simulator_mean_abs_error": sum(errors) / len(errors)}
+             "profile": profile, "device": device, "machine": machine(device), "results": results,
+             "not_run": [{"system": s, "reason": why} for s, why in skipped.items()],
+             "simulator_mean_abs_error": sum(errors) / len(errors) if errors else None}
     (out / "bench.json").write_text(json.dumps(bench, indent=2))
     (out / "bench.md").write_text(markdown_table(bench))
     plot(bench, out)
     return bench
+
+
+def machine(device: str) -> dict:
+    import platform
+
+    import torch
+
+    info = {"cpus": os.cpu_count() or 1, "python": sys.version.split()[0], "torch": torch.__version__,
+            "processor": platform.machine()}
+    if device == "cuda":
+        info.update({"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
+                     "tf32_matmul": torch.backends.cuda.matmul.allow_tf32})
+    return info
 
 
 def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cores: int | None,
@@ -302,6 +345,8 @@ def markdown_table(bench: dict) -> str:
         lines.append(f"| {r['system']} | {r.get('trainable', '-')} | {r['tokens_per_s']:.1f} | "
                      f"{_num(r.get('vs_tdp_1f1b_same_trainable'), '.2f')} | {r['step_s']:.2f} | {rss} | "
                      f"{r['bytes_sent'] / 1e6:.1f} | {_num(r['eval_loss'], '.4f')} |")
+    for r in bench.get("not_run", []):
+        lines.append(f"| {r['system']} | - | {r['reason']} | - | - | - | - | - |")
     cores = bench.get("machine", {}).get("cpus", "all")
     model = f"{cores} shared cores" + (f", {bench['profile']}'s speeds and links" if bench.get("profile") else "")
     lines += ["", f"| system | step s | predicted step s ({model}) | measured / predicted | "

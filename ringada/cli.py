@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--world", type=int, default=4, help="ranks of the distributed systems")
     bench.add_argument("--steps", type=int, default=4,
                        help="optimizer steps per system run (star: rounded to 2 rounds of local steps)")
+    bench.add_argument("--systems", default=None,
+                       help="comma-separated subset of the suite's systems (default: all of them)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="run.device of every run (cuda: ranks share the GPUs through gloo's pinned host "
+                       "staging; tdp needs a GPU per rank and is reported as not run otherwise)")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a shared setting of every system, e.g. --set model.path=DIR (repeatable)")
     bench.add_argument("--profile", default=None,
                        help="emulate this device/link profile (e.g. configs/profiles/ring4.yaml) in ring-earlystop, "
                        "ring-full and line, partitioned by capacity, next to the simulator's prediction for it")
@@ -98,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             bench = run_bench(args.suite, Path(args.out), args.smoke, args.repeats, args.world, args.steps,
-                              args.profile)
+                              args.profile, device=args.device, overrides=args.overrides,
+                              systems=args.systems.split(",") if args.systems else None)
         except (ValueError, RuntimeError) as e:
             print(f"ringada: bench error: {e}", file=sys.stderr)
             return 2

@@ -238,6 +238,8 @@ class Wire:
                 h.copy_(t, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             tensors = host
+        elif self.data_groups is not None:
+            tensors = [t.to(self.device) for t in tensors]  # NCCL moves CUDA tensors only (names, shapes too)
         try:
             self._pending_sends.append((dist.isend(header, dst, group=self.group), header, dst, kind, step))
             payload = self._payload_group(self.rank, dst)

@@ -25,7 +25,7 @@ from .. import config as config_mod
 from ..adapters import add_adapters
 from ..cli import setup_logging
 from ..comm import Counters, start_world
-from ..launch import world_from_env
+from ..launch import placement, world_from_env
 from ..runtime import gather_rank_rows, make_topology
 from ..data import Batch
 from ..train import input_tokens, load_run_data, loss_sum, make_optimizer, trainable_count
@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(rank)
     cfg = config_mod.load(args.config, ["pipeline.mode=line", *args.overrides])
     topo = make_topology(cfg, rank, world)
-    start_world(rank, world, cfg.run.timeout_s)
+    # P2P of CUDA tensors needs NCCL (a GPU per rank); on the CPU, gloo
+    device, _ = placement(cfg)
+    groups = start_world(rank, world, cfg.run.timeout_s, "nccl" if device.type == "cuda" else "gloo")
     try:
         lo, hi = topo.blocks
         from ..models import load_model
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         cut = load_model(cfg.model.path, cfg.model.task, cfg.model.num_labels, blocks=(lo, hi),
                          embed=rank == 0, head=rank == world - 1, seed=cfg.run.seed)
         adapters = add_adapters(cut, cfg.adapter, cfg.run.seed)
+        cut.model.to(device)
         L = cut.num_blocks
         adapters.set_frontier(L - trainable_count(cfg.unfreeze, L, 0, 0, 0))  # the same (fixed) trainable set
         optimizer = make_optimizer(cfg, adapters)
@@ -78,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         def loss_fn(logits, target):
             return loss_sum(logits, target) / Batch(target, target).count()
 
-        stage = PipelineStage(StageModule(cut, lo, hi), rank, world, torch.device("cpu"))
+        stage = PipelineStage(StageModule(cut, lo, hi), rank, world, device, group=groups[0] if groups else None)
         schedule = (ScheduleGPipe if args.schedule == "gpipe" else Schedule1F1B)(stage, M, loss_fn=loss_fn)
         data = load_run_data(cfg, cut.model.config.vocab_size) if rank in (0, world - 1) else None
         tokens, start, cpu0, losses_log = 0, time.perf_counter(), time.process_time(), []
         for step in range(cfg.run.steps):
-            batch = data.train.batch_at(step, cfg.data.batch_size, cfg.data.shuffle, cfg.run.seed)[1] if data else None
+            batch = data.train.batch_at(step, cfg.data.batch_size, cfg.data.shuffle, cfg.run.seed)[1].to(device) \
+                if data else None
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
             if rank == 0:
