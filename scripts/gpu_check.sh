@@ -8,10 +8,11 @@
 #   (c) a short summary.
 # Needs python3 with CUDA torch, transformers 5.23 and peft 0.21 (or their wheels in .whl/), and .gpu/ from
 # `python scripts/gpu_assets.py prepare .gpu` (SmolLM2's config and Shakespeare token ids; see that script).
-#   OUT=out/gpu-check scripts/gpu_check.sh
+#   OUT=out/gpu-check scripts/gpu_check.sh     (BENCH=DIR keeps the bench's runs elsewhere; OUT gets its json)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu-check}
+BENCH=${BENCH:-$OUT/bench}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false NVIDIA_TF32_OVERRIDE=0
@@ -27,17 +28,17 @@ $PY -c "import torch, transformers, peft; print(f'{torch.cuda.get_device_name(0)
   | tee "$OUT/device.txt" || exit 1
 
 echo "== (a) CUDA equivalence"
-timeout 330 $PY -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py 2>&1 | tail -40 | tee "$OUT/cuda_tests.log"
+timeout 240 $PY -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py 2>&1 | tail -60 | tee "$OUT/cuda_tests.log"
 tests_status=${PIPESTATUS[0]}
 
 echo "== (b) ring bench on the GPU"
 $PY scripts/gpu_assets.py build .gpu || exit 1
-timeout 330 $PY -m ringada bench --suite ring --device cuda --world 4 --steps 8 --out "$OUT/bench" \
+timeout 240 $PY -m ringada bench --suite ring --device cuda --world 4 --steps 8 --out "$BENCH" \
   --systems single,ring-earlystop,ring-full,tdp-1f1b,tdp-1f1b-full \
   --set model.path=.gpu/smollm2-shape --set data.train=.gpu/shakespeare-train.jsonl \
   --set data.eval=.gpu/shakespeare-eval.jsonl 2>&1 | tail -30
 bench_status=${PIPESTATUS[0]}
-cp "$OUT/bench/bench.json" "$OUT/bench/bench.md" "$OUT/" 2>/dev/null
+cp "$BENCH/bench.json" "$BENCH/bench.md" "$OUT/" 2>/dev/null
 
 echo "== (c) summary"
 $PY - "$OUT" "$tests_status" "$bench_status" <<'PYEOF'
