@@ -233,4 +233,4 @@ def load_optimizer_tensors(tensors: dict[str, torch.Tensor], adapters: Adapters,
             if key in by_key:
                 device = by_key[key].device
                 # AdamW keeps its step count on the CPU unless capturable; moments live with the parameter
-                optimizer.state[by_key[key]][field] = value.clone() if field == "step" else value.to(device).clone()
+                optimizer.state[by_key[key]][field] = (value.to("cpu") if field == "step" else value.to(device)).clone()

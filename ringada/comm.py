@@ -317,7 +317,8 @@ def pack_state(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     shapes = []
     for k in keys:
         shapes += [state[k].dim(), *state[k].shape]
-    values = torch.cat([state[k].detach().float().reshape(-1) for k in keys]) if keys else torch.zeros(0)
+    # on the CPU: a state may mix devices (AdamW keeps its step count on the CPU, its moments with the parameter)
+    values = torch.cat([state[k].detach().float().cpu().reshape(-1) for k in keys]) if keys else torch.zeros(0)
     return [encode_names(keys), torch.tensor(shapes, dtype=torch.int64), values]
 
 
