@@ -42,7 +42,7 @@ def _run(raw: dict, world: int) -> dict:
 def test_cuda_runs_match_the_cpu_reference(tmp_path, tiny_dirs, token_jsonl, mode, world, partition):
     raw = _cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, mode=mode, partition=partition, micro=2,
                unfreeze={"initial": 2, "every": 2, "increment": 1}, steps=4)
-    raw["run"]["device"] = "cuda"
+    raw["run"].update({"device": "cuda", "checkpoint_every": 2})  # checkpoints gather CPU and CUDA state
     raw["run"].pop("message_log")
     summary = _run(raw, world)
     assert summary["world_size"] == world
