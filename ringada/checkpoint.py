@@ -95,13 +95,14 @@ def save(out_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], manif
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    assert not bad, f"refusing to checkpoint non-finite tensors: {bad[:3]}"
+    if bad:  # the non-finite guard stops any update first; reaching this is a bug
+        raise ValueError(f"refusing to checkpoint non-finite tensors: {bad[:3]}")
     _atomic_write(directory / STATE, lambda tmp: save_file(tensors, str(tmp)))
     manifest = {**manifest, "step": step}
     _atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(json.dumps(json_safe(manifest), indent=2)))
     for old in _complete(out_dir)[KEEP:]:
         shutil.rmtree(old[0], ignore_errors=True)
-    for partial in _partial(out_dir, newer_than=step):
+    for partial in _partial(out_dir, older_than=step):
         shutil.rmtree(partial, ignore_errors=True)
     return directory
 
@@ -124,9 +125,10 @@ def _complete(out_dir: str | Path) -> list[tuple[Path, dict]]:
     return found
 
 
-def _partial(out_dir: str | Path, newer_than: int) -> list[Path]:
-    """Directories of checkpoints that never completed (a crash between the tensors and the manifest)."""
-    return [d for d in _steps(out_dir) if int(d.name[5:]) < newer_than and not (d / MANIFEST).is_file()]
+def _partial(out_dir: str | Path, older_than: int) -> list[Path]:
+    """Directories of checkpoints before ``older_than`` that never completed (a crash between the tensors and
+    the manifest)."""
+    return [d for d in _steps(out_dir) if int(d.name[5:]) < older_than and not (d / MANIFEST).is_file()]
 
 
 def latest(out_dir: str | Path) -> tuple[Path, dict] | None:
@@ -135,7 +137,7 @@ def latest(out_dir: str | Path) -> tuple[Path, dict] | None:
     return found[0] if found else None
 
 
-def resume_point(cfg: Config) -> tuple[Path, dict] | None:
+def resume_point(cfg: Config, world_size: int | None = None) -> tuple[Path, dict] | None:
     """Where this launch continues from, by ``run.resume``: ``auto`` the newest complete checkpoint of this run
     or a fresh start when there is none, ``true`` the newest checkpoint or an error, ``false`` a fresh start
     (the caller clears the old checkpoints). Checked on the lead rank before any collective."""
@@ -147,16 +149,25 @@ def resume_point(cfg: Config) -> tuple[Path, dict] | None:
             raise ConfigError(f"run.resume: got true but {Path(cfg.run.out_dir) / 'checkpoints'} holds no complete "
                               "checkpoint; use run.resume=auto to start fresh when there is none")
         return None
-    check_resumable(cfg, *found)
+    check_resumable(cfg, *found, world_size=world_size)
     return found
 
 
-def check_resumable(cfg: Config, directory: Path, manifest: dict) -> None:
+def check_resumable(cfg: Config, directory: Path, manifest: dict, world_size: int | None = None) -> None:
     """Refuse a checkpoint this launch cannot continue exactly, naming the setting and the fix."""
     fix = "or set run.resume=false to start over (it deletes the checkpoints)"
     if manifest.get("family") != family(cfg.pipeline.mode):
         raise ConfigError(f"run.resume: {directory} was written by a {manifest.get('family')} run; pipeline.mode="
                           f"{cfg.pipeline.mode!r} cannot continue it. Use another run.out_dir, {fix}")
+    if manifest["family"] == "star":
+        # a star's state is per device set and per shard: the same mode and the same devices continue it
+        if manifest.get("mode") != cfg.pipeline.mode:
+            raise ConfigError(f"run.resume: {directory} was written by pipeline.mode={manifest.get('mode')!r}; this "
+                              f"launch has {cfg.pipeline.mode!r}. Use the run's own mode, {fix}")
+        if world_size is not None and manifest.get("world_size") != world_size:
+            raise ConfigError(f"run.resume: {directory} was written by a star of {manifest.get('world_size')} ranks; "
+                              f"this launch has WORLD_SIZE={world_size}. A star continues with the same devices "
+                              f"(its shards and per-device state depend on them), {fix}")
     mine, theirs = config_fingerprint(cfg), manifest.get("config", {})
     changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     if changed:

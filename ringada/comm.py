@@ -126,8 +126,13 @@ class Placement:
 
 def link_group(members: list[int], timeout_s: float):
     """A process group of ``members`` only (every rank of the world must call this, in the same order), whose
-    failures stay inside it: a star keeps one per device so that a lost device breaks nothing else."""
+    failures stay inside it: a star keeps one per device so that a lost device breaks nothing else.
+    ``timeout_s`` bounds its waits (the server bounds its own more tightly with ``Wire(deadline_s=...)``)."""
     return dist.new_group(members, timeout=timedelta(seconds=timeout_s))
+
+
+class ProtocolError(RuntimeError):
+    """The two ends of a channel disagree about what comes next (a bug, never a failure of the peer)."""
 
 
 class PeerError(RuntimeError):
@@ -145,7 +150,8 @@ class PeerError(RuntimeError):
         else:
             hint = "the peer's process or box is gone"
         self.timed_out = timed_out
-        super().__init__(f"rank {rank}: {action} with rank {peer} at step {step} failed ({hint}): {text}")
+        who = f"rank {peer}" if peer != "any" else "the other ranks (a collective: gloo does not say which)"
+        super().__init__(f"rank {rank}: {action} with {who} at step {step} failed ({hint}): {text}")
 
 
 @contextmanager
@@ -204,15 +210,18 @@ class Wire:
     ``sent_log`` records (kind, dst, step, mb) of every send."""
 
     def __init__(self, rank: int, device: torch.device | None = None, *, group=None, data_groups=None,
-                 timeout_s: float | None = None, log_messages: bool = False, link_delay=None):
+                 timeout_s: float | None = None, deadline_s: float | None = None, log_messages: bool = False,
+                 link_delay=None):
         """``group``: the gloo group headers travel in (default: the world), payloads too unless ``data_groups``
         (NCCL: one group per direction, see Note: NCCL channels) carry them. With CUDA compute and no data
         groups, payloads are staged through pinned host memory. ``timeout_s`` only words errors (the groups' own
-        timeouts bound every wait). ``link_delay(nbytes) -> seconds``, when given, holds every received message
+        timeouts bound every wait, unless ``deadline_s`` bounds this end's waits more tightly: a star server gives
+        up on a device sooner than the device, idle through other devices' turns, gives up on the server).
+        ``link_delay(nbytes) -> seconds``, when given, holds every received message
         until its send time plus that delay (link emulation on one box: both ends share the clock)."""
         self.rank = rank
         self.device = device or torch.device("cpu")
-        self.group, self.data_groups, self.timeout_s = group, data_groups, timeout_s
+        self.group, self.data_groups, self.timeout_s, self.deadline_s = group, data_groups, timeout_s, deadline_s
         self.staged = self.device.type == "cuda" and data_groups is None
         self.link_delay = link_delay
         self.counters = Counters()
@@ -259,18 +268,22 @@ class Wire:
         action = f"receiving {KIND_NAMES[kind]} (mb {micro_batch})"
         header = torch.empty(HEADER_LEN, dtype=torch.int64)
         try:
-            dist.irecv(header, src, group=self.group).wait()
-            got_kind, got_step, got_mb, specs = decode_header(header)
-            if (got_kind, got_step, got_mb) != (kind, step, micro_batch):
-                raise RuntimeError(f"expected {KIND_NAMES[kind]} of step {step} mb {micro_batch}, got "
-                                   f"{KIND_NAMES.get(got_kind, got_kind)} of step {got_step} mb {got_mb}")
+            self._wait(dist.irecv(header, src, group=self.group))
+        except RuntimeError as e:
+            raise self._error(src, step, action, e) from e
+        got_kind, got_step, got_mb, specs = decode_header(header)
+        if (got_kind, got_step, got_mb) != (kind, step, micro_batch):  # a bug, not a failure of the peer
+            raise ProtocolError(f"rank {self.rank}: expected {KIND_NAMES[kind]} of step {step} mb {micro_batch} "
+                                f"from rank {src}, got {KIND_NAMES.get(got_kind, got_kind)} of step {got_step} "
+                                f"mb {got_mb}")
+        try:
             on_gpu = self.data_groups is not None
             tensors = [torch.empty(shape, dtype=dtype, device=self.device if on_gpu else "cpu",
                                    pin_memory=self.staged) for dtype, shape in specs]
             payload = self._payload_group(src, self.rank)
             works = [dist.irecv(t, src, group=payload) for t in tensors]
             for w in works:
-                w.wait()
+                self._wait(w)
         except RuntimeError as e:
             raise self._error(src, step, action, e) from e
         nbytes = HEADER_BYTES + payload_bytes(tensors)
@@ -289,13 +302,19 @@ class Wire:
         pending, self._pending_sends = self._pending_sends, []
         for work, _, dst, kind, step in pending:
             try:
-                work.wait()
+                self._wait(work)
             except RuntimeError as e:
                 raise self._error(dst, step, f"sending {KIND_NAMES[kind]}", e) from e
 
     def abandon(self) -> None:
         """Forget every outstanding send (the peer is gone; nothing will complete)."""
         self._pending_sends.clear()
+
+    def _wait(self, work) -> None:
+        if self.deadline_s is None:
+            work.wait()  # bounded by the group's timeout
+        else:
+            work.wait(timedelta(seconds=self.deadline_s))
 
     def _error(self, peer: int, step: int, action: str, cause: BaseException) -> PeerError:
         return PeerError(self.rank, peer, step, action, cause, self.timeout_s)

@@ -51,9 +51,10 @@ class RunConfig:
     steps (0: none). Star runs checkpoint at the end of every round and leave this at 0."""
     resume: bool | Literal["auto"] = "auto"
     """`auto`: continue from the newest complete checkpoint in out_dir when there is one, else start fresh;
-    `true`: continue, or fail when there is none; `false`: start over (deletes out_dir/checkpoints). A resumed
-    run ends with the adapters and losses of an uninterrupted one; it may run on another world size or
-    partition (checkpoints are keyed by block)."""
+    `true`: continue, or fail when there is none; `false`: start over (deletes out_dir/checkpoints; under
+    torchrun --max-restarts use auto, or a restart would start over too). A resumed run ends with the adapters
+    and losses of an uninterrupted one. A pipeline run may continue on another world size or partition
+    (checkpoints are keyed by block); a star continues with the same mode and devices."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where each rank computes: `auto` is CUDA when this box has a GPU, else the CPU. A rank on CUDA uses
     cuda:{LOCAL_RANK % GPUs}: its model slice, adapters, optimizer state and activations live there."""
@@ -67,7 +68,8 @@ class RunConfig:
     timeout_s: float = 300.0
     """Deadline of every wait on another rank (process-group start, messages, collectives). A dead or silent
     peer becomes an error naming this rank, the peer, the step and the action; a star server drops the device.
-    Raise it when one step (or, in sfl, a device's wait for its turn) legitimately takes longer."""
+    A star device, idle through the other devices' turns, evaluations and checkpoints, waits 20 times as long
+    for the server. Raise it when one step legitimately takes longer."""
 
 
 @dataclass(kw_only=True)
@@ -128,7 +130,8 @@ class OptimConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN or Inf loss or gradient norm on any rank: `stop` ends the run (non-zero exit) before any update,
     leaving the last finite adapters and a checkpoint; `skip` drops that step's update on every rank and counts
-    it in summary.json."""
+    it in summary.json. (Star: the server's verdict covers the device it serves; a device that finds its own
+    gradient non-finite skips only its own update.)"""
 
 
 @dataclass(kw_only=True)

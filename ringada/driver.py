@@ -1,6 +1,7 @@
 """One driver for every mode: resume, train unit by unit, evaluate, checkpoint, record, summarize.
 
-A topology runtime (``runtime.PipelineTrainer`` for single/ring/line, ``star.StarTrainer`` for sfl/sft) is a
+A topology runtime (``runtime.PipelineTrainer`` for single/ring/line; ``star.ServerTrainer`` and
+``star.DeviceTrainer`` for sfl/sft) is a
 :class:`Trainer`: it knows its ranks and its wire, and offers a few verbs. A *unit* is what a checkpoint and an
 evaluation may follow: one optimizer step in a pipeline, one round (``star.local_steps`` steps) in a star.
 The driver runs the same loop on every rank; only the lead rank (the ring's initiator, the star's server)
@@ -123,12 +124,13 @@ def drive(cfg: Config, trainer: Trainer, resume: tuple[Path, dict] | None) -> di
     for unit in range(start_unit, units):
         t0 = time.perf_counter()
         result = tr.train_unit(unit)
-        counters["train_s"] += time.perf_counter() - t0
-        counters["tokens"] += result.tokens
         done = (unit + 1) * per_unit
-        if result.loss is not None:
-            counters["loss"] = result.loss
         stop = result.nonfinite is not None and cfg.optim.on_nonfinite == "stop"
+        if not stop:  # a stopped unit counts for nothing: the checkpoint holds the state before it
+            counters["train_s"] += time.perf_counter() - t0
+            counters["tokens"] += result.tokens
+            if result.loss is not None:
+                counters["loss"] = result.loss
         if result.nonfinite and not stop:
             counters["skipped_steps"] = counters["skipped_steps"] + [r["step"] for r in result.records
                                                                        if r.get("skipped")]

@@ -62,7 +62,7 @@ def train(cfg: Config) -> dict | None:
     found, refusal = None, None
     if job.is_lead:
         try:
-            found = checkpoint.resume_point(cfg)
+            found = checkpoint.resume_point(cfg, world_size)
         except ConfigError as e:
             refusal = e  # raised on every rank once the others have been told
     device, backend = placement(cfg)

@@ -347,7 +347,7 @@ class PipelineRuntime:
     @torch.no_grad()
     def eval_batch(self, index: int, batch: Batch | None, micro_batches: int) -> StepStats:
         plan = self.plan(micro_batches, self.num_blocks, train=False)
-        # Eval batches use negative step numbers so their tags never meet a training step's.
+        # Eval batches use negative step numbers: their headers never look like a training step's.
         return self._run_batch(plan, -1 - index, False, batch, micro_batches)
 
     def _run_batch(self, plan, step, train, batch, micro_batches) -> StepStats:
@@ -481,8 +481,8 @@ class PipelineJob:
         self.cfg = cfg
         self.topo = make_topology(cfg, rank, world_size, partition=[0] * world_size if self.capacity else None)
         check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
-        self.data = load_run_data(cfg, read_config(cfg.model.path).vocab_size) if rank == 0 else None
-        self.is_lead = self.topo.is_initiator
+        self.is_lead = self.topo.is_initiator  # it owns the data
+        self.data = load_run_data(cfg, read_config(cfg.model.path).vocab_size) if self.is_lead else None
         # what this box's out_dir holds (only the initiator writes checkpoints; see build)
         newest = checkpoint.latest(cfg.run.out_dir)
         self.newest_here = newest[1]["step"] if newest else -1
@@ -491,7 +491,28 @@ class PipelineJob:
               ) -> PipelineTrainer:
         """Collective: agree on the lead's resume decision (and a capacity plan), then load this rank's slice."""
         cfg, topo = self.cfg, self.topo
-        if topo.world_size > 1 and refusal is None and cfg.run.resume is not False:
+        if topo.world_size == 1:
+            if refusal is not None:
+                raise refusal
+            return PipelineTrainer(cfg, topo, place, self.data)
+        # every rank takes part in both collectives, whatever the initiator decided
+        plan = [-1] * topo.world_size
+        if topo.is_initiator and refusal is None:
+            try:
+                plan = _capacity_plan(cfg, topo.world_size) if self.capacity else list(topo.partition)
+            except ValueError as e:
+                refusal = ConfigError(str(e))
+        t = torch.tensor(plan, dtype=torch.int64)
+        with collective(topo.rank, "agreeing on the partition and the resume point", 0, cfg.run.timeout_s):
+            dist.broadcast(t, src=0)
+        if refusal is not None:
+            raise refusal
+        if int(t[0]) < 0:
+            raise ConfigError("rank 0 refused to start (a resume that does not fit, or no capacity plan); its log "
+                              "names the setting")
+        if self.capacity:
+            self.topo = topo = make_topology(cfg, topo.rank, topo.world_size, partition=t.tolist())
+        if cfg.run.resume is not False:
             # Note: torchrun's c10d rendezvous may hand rank 0 to another box after a restart that changed the
             # boxes; a newer checkpoint on a box that is no longer rank 0 must not be silently ignored.
             t = torch.tensor([resume_step if topo.is_initiator else -1, self.newest_here], dtype=torch.int64)
@@ -504,25 +525,6 @@ class PipelineJob:
                                   f"{'found none' if lead_step < 0 else f'continues after step {lead_step}'}; give "
                                   "every box the same run.out_dir (a shared filesystem) or copy its checkpoints/ "
                                   "to rank 0's box, or set run.resume=false to start over")
-        if topo.world_size > 1:
-            plan = [-1] * topo.world_size
-            if topo.is_initiator and refusal is None:
-                try:
-                    plan = _capacity_plan(cfg, topo.world_size) if self.capacity else list(topo.partition)
-                except ValueError as e:
-                    refusal = ConfigError(str(e))
-            t = torch.tensor(plan, dtype=torch.int64)
-            with collective(topo.rank, "agreeing on the partition and the resume point", 0, cfg.run.timeout_s):
-                dist.broadcast(t, src=0)
-            if refusal is not None:
-                raise refusal
-            if int(t[0]) < 0:
-                raise ConfigError("rank 0 refused to start (a resume that does not fit, or no capacity plan); "
-                                  "its log names the setting")
-            if self.capacity:
-                self.topo = topo = make_topology(cfg, topo.rank, topo.world_size, partition=t.tolist())
-        elif refusal is not None:
-            raise refusal
         return PipelineTrainer(cfg, topo, place, self.data)
 
 
@@ -591,7 +593,9 @@ class PipelineTrainer(Trainer):
         loss, nonfinite = result["loss"], result["nonfinite"]
         if not nonfinite:
             self.last_losses.append(loss)
-        if cfg.unfreeze.by == "plateau" and cfg.unfreeze.every and (step + 1) % cfg.unfreeze.every == 0:
+        stopping = nonfinite is not None and cfg.optim.on_nonfinite == "stop"  # (a checkpoint of the state before)
+        if cfg.unfreeze.by == "plateau" and cfg.unfreeze.every and (step + 1) % cfg.unfreeze.every == 0 \
+                and not stopping:
             signal = self.evaluate()["eval_loss"] if self.has_eval else \
                 sum(self.last_losses) / max(len(self.last_losses), 1)
             self.unfreezer.observe(signal)

@@ -512,8 +512,8 @@ class Plan:
         per micro-batch iff it does backward (after its ``F``), that every
         expected transfer has exactly one send (after the producing compute)
         and one receive (before the consuming compute), that every channel
-        is received in its sending order,
-        every list, and finally that executing the lists strictly in order,
+        is received in its sending order, and finally that executing the
+        lists strictly in order,
         with blocking receives and non-blocking sends, terminates
         (:class:`DeadlockError` otherwise).
         """

@@ -15,14 +15,15 @@ follows the example-weighted mean of the devices' losses (the token-weighted mea
 gradient a device receives is that of its own mean loss.
 
 Links and failures (DESIGN: failure semantics). Each device talks to the server over a process group of its
-own ([0, u], deadline run.timeout_s) and over nothing else: after start-up nothing waits on the whole world,
+own ([0, u]; the server waits run.timeout_s for it) and over nothing else: after start-up nothing waits on the whole world,
 which a dead device could block. What a link carries is planned as data (:func:`round_plan` and its siblings:
 named messages in order, derived alike on both ends and checked as they pass). An error or a timeout on a link
 makes its device *lost*: it is out of that round and of every later one, and the round aggregates the survivors
-exactly as it does mobility dropouts. Nothing a lost device half-did is kept: the global adapter and every
-server set are rebuilt at the round's end from the views of the devices that finished. The server checkpoints
-each committed round (global adapter, every optimizer state, selection statistics, RNG), so a restart of the
-whole star continues from the last round.
+exactly as it does mobility dropouts: the global adapter and every server set are rebuilt at the round's end
+from the views of the devices that finished, so a lost device's half-done round is dropped (in sft, the shared
+server set's steps taken with its data before it was lost stay in the survivors' views, as a mobility
+dropout's do). The server checkpoints each committed round (global adapter, every optimizer state, selection
+statistics, RNG), so a restart of the whole star continues from the last round, with every device back.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 from . import checkpoint
 from .adapters import add_adapters, add_lora_sets, check_target_modules, lora_config, save_adapters
 from .comm import (ACT, ADAPTERS, CHECKPOINT, CONTROL, GRAD, LABELS, STATS, TOP, TOP_GRAD, Counters, PeerError,
-                   Placement, Wire, link_group, pack_state, unpack_state)
+                   Placement, ProtocolError, Wire, link_group, pack_state, unpack_state)
 from .compress import Codec, decode, encode
 from .config import Config, ConfigError, check_against_model
 from .data import Batch, Dataset
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 
 
 UP, DOWN = "up", "down"  # device -> server, server -> device
+DEVICE_PATIENCE = 20  # a device waits this many run.timeout_s for the server (see StarJob.build)
 TRAIN, EVAL, STOP = 0, 1, 2  # commands
 
 # Every message a link carries: name -> (direction, wire kind, micro-batch code). Its step field holds the global
@@ -79,7 +81,7 @@ MESSAGES = {
     "top": (DOWN, TOP, 0),  # smashed top hidden state (label privacy)
     "top_gradient": (UP, TOP_GRAD, 0),  # smashed [+ loss sum, targets, correct]
     "gradient": (DOWN, GRAD, 0),  # smashed [+ skip flag: a non-finite step updates nothing]
-    "device_state": (UP, CHECKPOINT, 1),  # adapters + AdamW state after the round's steps, + [steps, skipped]
+    "device_state": (UP, CHECKPOINT, 1),  # adapters + AdamW state after the round, + [steps done, skipped, bwd s]
     "global": (DOWN, ADAPTERS, 2),  # the new global adapter (the device's blocks) + [the run stops here]
     "eval_stats": (UP, STATS, 1),  # [loss sum, targets, correct] of the device's head (label privacy)
     "row": (UP, STATS, 2),  # the device's summary row
@@ -157,17 +159,15 @@ def format_plan(plan: list[Msg]) -> str:
     return " ".join(str(m) for m in plan)
 
 
-class ProtocolError(RuntimeError):
-    """The two ends of a link disagree about the plan (a bug, never a user error)."""
-
-
 class Link:
     """One device's channel to the server, from either end: named messages in the order of the plan both ends
     derived, each checked against it; activations and their gradients through the codec."""
 
-    def __init__(self, rank: int, peer: int, wire: Wire, codec: Codec, seed: int):
-        self.rank, self.peer, self.wire, self.codec, self.seed = rank, peer, wire, codec, seed
-        self.outgoing = DOWN if rank == 0 else UP
+    def __init__(self, rank: int, peer: int, wire: Wire, codec: Codec, seed: int, at_server: bool,
+                 dtype: torch.dtype = torch.float32):
+        """``dtype``: of the hidden states and their gradients (run.dtype), which a decoded blob is cast back to."""
+        self.rank, self.peer, self.wire, self.codec, self.seed, self.dtype = rank, peer, wire, codec, seed, dtype
+        self.outgoing = DOWN if at_server else UP
         self.plan: deque[Msg] = deque()
         self.lost = False  # the server gave up on this link (an error or a timeout): it is never used again
 
@@ -183,7 +183,8 @@ class Link:
 
     def send(self, name: str, step: int, tensors: list[torch.Tensor]) -> None:
         kind, mb = self._next(name, step, self.outgoing)
-        if name in SMASHED and not self.codec.is_identity:
+        # a non-finite tensor goes as it is: the codec cannot quantize it, and the receiver must see it to skip
+        if name in SMASHED and not self.codec.is_identity and bool(torch.isfinite(tensors[0]).all()):
             gen = torch.Generator().manual_seed(hash((self.seed, self.rank, self.peer, kind, step)) % 2**63)
             tensors = [encode(tensors[0].detach(), self.codec, gen), *tensors[1:]]
         self.wire.send(self.peer, kind, step, mb, tensors)
@@ -191,8 +192,8 @@ class Link:
     def recv(self, name: str, step: int) -> list[torch.Tensor]:
         kind, mb = self._next(name, step, UP if self.outgoing == DOWN else DOWN)
         tensors = self.wire.recv(self.peer, kind, step, mb)
-        if name in SMASHED and tensors[0].dtype == torch.uint8:  # a compressed blob
-            tensors[0] = decode(tensors[0])
+        if name in SMASHED and tensors[0].dtype == torch.uint8:  # a compressed blob (decoded as fp32 on the CPU)
+            tensors[0] = decode(tensors[0]).to(self.wire.device, self.dtype)
         return tensors
 
     def flush(self) -> None:
@@ -214,9 +215,11 @@ class StarTopology:
     keep_ratios: list[float] | None = None  # per device, from star.allocate
     allocation: dict | None = None
 
+    server = 0  # the server's rank; devices are the ranks after it
+
     @property
     def is_server(self) -> bool:
-        return self.rank == 0
+        return self.rank == self.server
 
     @property
     def devices(self) -> list[int]:
@@ -296,12 +299,21 @@ class StarJob:
         """Start-up: one process group per device link (every rank creates them all, in the same order), then
         this rank's role. The server tells the devices about a refusal in its first message."""
         cfg, topo = self.cfg, self.topo
-        groups = {u: link_group([0, u], cfg.run.timeout_s) for u in topo.devices}
+        # A device idles through the other devices' turns, evaluations and checkpoints, so it waits for the server
+        # DEVICE_PATIENCE times longer than the server waits for it (the server's own waits: run.timeout_s).
+        device_wait_s = cfg.run.timeout_s * DEVICE_PATIENCE
+        groups = {u: link_group([topo.server, u], device_wait_s) for u in topo.devices}
         codecs = _link_codecs(cfg, topo)
 
         def link(u: int) -> Link:
-            wire = Wire(topo.rank, place.device, group=groups[u], timeout_s=cfg.run.timeout_s)
-            return Link(topo.rank, 0 if u == topo.rank else u, wire, codecs[u], cfg.run.seed)
+            if topo.is_server:
+                wire = Wire(topo.rank, place.device, group=groups[u], timeout_s=cfg.run.timeout_s,
+                            deadline_s=cfg.run.timeout_s)
+            else:
+                wire = Wire(topo.rank, place.device, group=groups[u], timeout_s=device_wait_s)
+            peer = u if topo.is_server else topo.server
+            return Link(topo.rank, peer, wire, codecs[u], cfg.run.seed, at_server=topo.is_server,
+                        dtype=base_dtype(cfg))
 
         if topo.is_server:
             return ServerTrainer(cfg, topo, {u: link(u) for u in topo.devices}, refusal, place.device)
@@ -944,8 +956,8 @@ class ServerTrainer(Trainer):
             if u != evaluator:
                 with self._exchange(u, -1, "evaluating"):
                     self.links[u].flush()
-        if evaluator is None:
-            log.error("no device left to evaluate with")
+        if evaluator is None or evaluator not in self.live:
+            log.error("no device to evaluate with (lost: %s)", sorted(self.lost))
             return {}
         with self._exchange(evaluator, -1, "evaluating"):
             return self.server.evaluate(evaluator, self.links[evaluator], self.n_eval)
@@ -959,9 +971,9 @@ class ServerTrainer(Trainer):
 
     def finish(self) -> dict:
         cfg, srv, topo = self.cfg, self.server, self.topo
-        own = {"rank": 0, "blocks": [min(topo.depths), topo.num_blocks], "fwd_s": srv.fwd_s, "bwd_s": srv.bwd_s,
-               "train_cpu_s": self.train_cpu_s}
-        rows = {0: decode_row(rank_row(own, Counters.total(link.wire.counters for link in self.links.values())),
+        own = {"rank": topo.server, "blocks": [min(topo.depths), topo.num_blocks], "fwd_s": srv.fwd_s,
+               "bwd_s": srv.bwd_s, "train_cpu_s": self.train_cpu_s}
+        rows = {topo.server: decode_row(rank_row(own, Counters.total(link.wire.counters for link in self.links.values())),
                               list(own))}
         self._send_all({u: stop_plan() for u in self.live}, "command", -2, {u: [STOP, 0, 0] for u in self.live})
         for u in sorted(self.live):

@@ -144,7 +144,7 @@ def test_resume_is_refused_when_nothing_fits(tmp_path):
 
 
 def test_checkpoints_refuse_non_finite_tensors(tmp_path):
-    with pytest.raises(AssertionError, match="non-finite"):
+    with pytest.raises(ValueError, match="non-finite"):
         checkpoint.save(tmp_path, 1, {"x": torch.tensor([float("nan")])}, {})
     assert checkpoint.latest(tmp_path) is None
 
@@ -173,3 +173,14 @@ def test_a_newer_checkpoint_on_a_box_that_is_not_rank_0_is_not_ignored(pool2, tm
     for p, out in zip(procs, outs):
         assert p.returncode == 2 and "another box holds a checkpoint after step 4" in out, out[-2000:]
     assert not (tmp_path / "box0" / "adapter").exists()
+
+
+def test_a_refused_resume_stops_every_rank_with_the_reason(pool2, tmp_path, tiny_dirs, token_jsonl):
+    """The initiator alone holds checkpoints; when it refuses to continue, every rank stops with a config error
+    after the first exchange, none waits."""
+    raw = _raw(tmp_path / "run", tiny_dirs["llama"], token_jsonl, 4, mode="ring", resume=True)
+    with pytest.raises(RuntimeError) as err:
+        pool2.run(raw)
+    text = str(err.value)
+    assert "--- rank 0" in text and "holds no complete checkpoint" in text
+    assert "--- rank 1" in text and "rank 0 refused to start" in text

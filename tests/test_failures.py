@@ -151,7 +151,9 @@ def test_a_silent_peer_is_an_error_naming_rank_peer_step_and_action(tmp_path, ti
     for r in (0, 2):
         assert procs[r].returncode == 1, logs[r][-2000:]
         assert f"ringada: error: rank {r}: " in logs[r] and "failed (no answer within run.timeout_s=4 s" in logs[r]
-    assert "with rank 1 at step" in logs[0] + logs[2]
+    # a rank waiting on rank 1 point to point names it; one waiting in the step's all_reduce cannot know who
+    both = logs[0] + logs[2]
+    assert "with rank 1 at step" in both or "with the other ranks (a collective" in both
 
 
 # ------------------------------------------------------------------------------------------------------- star
@@ -353,3 +355,26 @@ def test_nonfinite_skip_drops_the_updates_and_counts_them(pool2, tmp_path, tiny_
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert all(m["loss"] is None for m in metrics if m.get("skipped"))
     assert _all_finite(_adapter(out))
+
+
+def test_a_silent_star_device_is_dropped_and_the_others_go_on(tmp_path, tiny_dirs, token_jsonl):
+    """A device that stops answering (SIGSTOP) is dropped after run.timeout_s; the devices that idle meanwhile
+    wait far longer for the server, so the run ends with exit 0 without it."""
+    out, port = tmp_path / "out", free_port()
+    args = _sets(out, tiny_dirs["llama"], token_jsonl, **_star_keys(30, 2, **{"run.timeout_s": 3}))
+    procs = [subprocess.Popen([sys.executable, "-m", "ringada", "train", *args], cwd=REPO,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "4",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+               for r in range(4)]
+    try:
+        _wait_for(lambda: _lines(out / "metrics.jsonl") >= 2 * 3, 120, "3 rounds of the star")
+        os.kill(procs[2].pid, signal.SIGSTOP)
+        logs = {r: procs[r].communicate(timeout=120)[0] for r in (0, 1, 3)}
+    finally:
+        _kill_all(procs)
+    assert all(procs[r].returncode == 0 for r in (0, 1, 3)), logs[0][-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    lost = summary["lost_devices"]
+    assert list(lost) == ["2"] and "no answer within run.timeout_s=3 s" in lost["2"]["error"], lost
+    assert summary["rounds_log"][-1]["round_finished"] == [1, 3] and len(summary["rounds_log"]) == 30

@@ -60,7 +60,7 @@ class _Wire:
 
 def test_a_link_follows_its_plan_and_refuses_anything_else():
     wire = _Wire(answers=[[torch.ones(2, 3), torch.zeros(2)]])
-    device = Link(rank=2, peer=0, wire=wire, codec=Codec(), seed=0)
+    device = Link(rank=2, peer=0, wire=wire, codec=Codec(), seed=0, at_server=False)
     device.follow(round_plan(0, 1, 1, False))
     with pytest.raises(ProtocolError, match=r"the plan says vcommand@0, not \^activation@0"):
         device.send("activation", 0, [torch.ones(1)])
@@ -74,7 +74,7 @@ def test_a_link_follows_its_plan_and_refuses_anything_else():
 
 def test_smashed_messages_go_through_the_codec_and_the_rest_does_not():
     wire = _Wire()
-    server = Link(rank=0, peer=1, wire=wire, codec=Codec(bits=8, lossless="zlib"), seed=0)
+    server = Link(rank=0, peer=1, wire=wire, codec=Codec(bits=8, lossless="zlib"), seed=0, at_server=True)
     server.follow([Msg("top", 7), Msg("global", 0)])
     server.send("top", 7, [torch.randn(2, 4, 8)])
     server.send("global", 0, [torch.randn(3)])
