@@ -45,6 +45,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ev)
     ev.add_argument("--adapter", default=None,
                     help="adapter directory in peft format (default: run.out_dir/adapter)")
+    gen = sub.add_parser("generate", help="generate text with a trained adapter, across the ring (under torchrun) "
+                         "or in one process",
+                         description="Decode prompts with a saved adapter. Under torchrun the ranks form the "
+                         "training ring: each holds its blocks and their KV cache, rank 0 the embedding, head and "
+                         "sampler, and several micro-batches of prompts are in flight at once. Greedy unless "
+                         "--temperature > 0. Completions go to stdout and, with --out, to a JSONL file (plus "
+                         "OUT.summary.json with tokens/s and per-rank memory and bytes).")
+    _add_config_args(gen)
+    gen.add_argument("--adapter", default=None,
+                     help="adapter directory in peft format (default: run.out_dir/adapter; a star round's "
+                     "rounds/round_NNNN works too)")
+    gen.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
+    gen.add_argument("--prompts", default=None, metavar="FILE",
+                     help=".txt (one prompt per line) or .jsonl ('text', or pre-tokenized 'input_ids', per line)")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    gen.add_argument("--seed", type=int, default=0,
+                     help="sampling seed (each prompt draws from its own generator: batching does not matter)")
+    gen.add_argument("--batch-size", type=int, default=1, help="prompts per micro-batch (left-padded; default 1)")
+    gen.add_argument("--in-flight", type=int, default=0,
+                     help="micro-batches in flight at once (default: as many as ranks)")
+    gen.add_argument("--out", default=None, metavar="FILE.jsonl", help="write the completions here as JSONL")
     show = sub.add_parser("config", help="print the resolved config (defaults + file + --set) and exit")
     _add_config_args(show)
     plan = sub.add_parser("plan", help="print the per-rank pipeline plan of one step (no processes started)",
@@ -54,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--world", type=int, required=True, help="number of ranks")
     plan.add_argument("--step", type=int, default=0, help="optimizer step whose frontier to use (default 0)")
     plan.add_argument("--compute-only", action="store_true", help="hide sends and receives")
+    plan.add_argument("--generate", action="store_true",
+                      help="print the decoding plan of `ringada generate` instead (F = a pass m.p through the "
+                      "rank's blocks, H = head and sampler, s/r = send/receive)")
+    plan.add_argument("--micro-batches", type=int, default=None,
+                      help="with --generate: micro-batches in flight (default: as many as ranks)")
+    plan.add_argument("--max-new-tokens", type=int, default=3, help="with --generate: passes to show (default 3)")
     sim = sub.add_parser("simulate", help="predict a run's timings from its plans, measured block costs and a "
                          "profile (no processes started)",
                          description="Discrete-event simulation of ring/line/single runs (per-step plans with "
@@ -74,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "ring: ring-earlystop, ring-noearlystop, ring-full, line, tdp-gpipe, tdp-1f1b, "
                            "tdp-1f1b-full, single. star: sfl, sft, sft-compressed, sfl-copy-per-device (with server "
                            "memory and makespan over FIFO).")
-    bench.add_argument("--suite", choices=("ring", "star", "all"), default="ring")
+    bench.add_argument("--suite", choices=("ring", "star", "all", "generate"), default="ring",
+                       help="ring, star, all (both), or generate: decoding in one process against the ring")
     bench.add_argument("--out", required=True, help="output directory")
     bench.add_argument("--smoke", action="store_true", help="tiny random model and data (seconds, for CI)")
     bench.add_argument("--repeats", type=int, default=1, help="rounds over all systems (median is reported)")
@@ -88,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "staging; tdp needs a GPU per rank and is reported as not run otherwise)")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a shared setting of every system, e.g. --set model.path=DIR (repeatable)")
+    bench.add_argument("--max-new-tokens", type=int, default=32, help="generate suite: tokens per prompt")
+    bench.add_argument("--adapter", default=None,
+                       help="generate suite: adapter to decode with (default: the initial adapter; decoding speed "
+                       "does not depend on its values)")
     bench.add_argument("--profile", default=None,
                        help="emulate this device/link profile (e.g. configs/profiles/ring4.yaml) in ring-earlystop, "
                        "ring-full and line, partitioned by capacity, next to the simulator's prediction for it")
@@ -101,8 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from pathlib import Path
 
-        from .bench import markdown_table, run_bench
+        from .bench import generate_table, markdown_table, run_bench, run_generate_bench
 
+        if args.suite == "generate":
+            try:
+                bench = run_generate_bench(Path(args.out), args.smoke, args.world, args.max_new_tokens, args.adapter,
+                                           args.overrides, args.systems.split(",") if args.systems else None)
+            except (ValueError, RuntimeError) as e:
+                print(f"ringada: bench error: {e}", file=sys.stderr)
+                return 2
+            print(generate_table(bench), end="")
+            return 0
         try:
             bench = run_bench(args.suite, Path(args.out), args.smoke, args.repeats, args.world, args.steps,
                               args.profile, device=args.device, overrides=args.overrides,
@@ -137,6 +181,26 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps(result))
         return 0
+    if args.command == "generate":
+        from pathlib import Path
+
+        from .comm import PeerError
+        from .generate import GenerateOptions, generate, read_prompts
+
+        try:
+            opts = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                                   in_flight=args.in_flight)
+            # only rank 0 reads the prompts (the other boxes need not have the file)
+            prompts = read_prompts(args.prompt, args.prompts) if rank == 0 else None
+            generate(cfg, args.adapter or Path(cfg.run.out_dir) / "adapter", prompts, opts, args.out, echo=True)
+        except (config_mod.ConfigError, ValueError, FileNotFoundError) as e:
+            print(f"ringada: error: {e}", file=sys.stderr)
+            return 2
+        except PeerError as e:
+            print(f"ringada: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "train":
         from .comm import PeerError
         from .driver import NonFiniteError
@@ -162,6 +226,8 @@ def _print_plan(cfg, args) -> int:
     from .runtime import make_topology
     from .train import trainable_count
 
+    if args.generate:
+        return _print_decode_plan(cfg, args)
     if cfg.pipeline.mode in ("sfl", "sft"):
         return _print_star_plan(cfg, args)
     try:
@@ -178,6 +244,22 @@ def _print_plan(cfg, args) -> int:
           f"{cfg.data.micro_batches} micro-batches, step {args.step}: {trainable} trainable blocks "
           f"(frontier {num_blocks - trainable}); backward stages {plan.backward}")
     print(plan.format(compute_only=args.compute_only))
+    return 0
+
+
+def _print_decode_plan(cfg, args) -> int:
+    from .generate import _ring_config, decode_plan
+    from .runtime import make_topology
+
+    try:
+        topo = make_topology(_ring_config(cfg, args.world), 0, args.world)
+        plan = decode_plan(args.world, args.micro_batches or args.world, args.max_new_tokens)
+    except (config_mod.ConfigError, ValueError) as e:
+        print(f"ringada: config error: {e}", file=sys.stderr)
+        return 2
+    print(f"generate, blocks per rank {topo.partition}, {plan.micro_batches} micro-batches in flight, "
+          f"{plan.passes} passes (pass m.0 = prefill of micro-batch m)")
+    print(plan.format())
     return 0
 
 

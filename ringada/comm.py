@@ -43,9 +43,10 @@ HEADER_LEN = 6 + 6 * MAX_TENSORS
 HEADER_BYTES = HEADER_LEN * 8
 
 # Message kinds (named in the header and in the byte counters).
-ACT, GRAD, LABELS, ADAPTERS, TOP, TOP_GRAD, CONTROL, CHECKPOINT, STATS = 1, 2, 3, 4, 5, 6, 7, 8, 9
+ACT, GRAD, LABELS, ADAPTERS, TOP, TOP_GRAD, CONTROL, CHECKPOINT, STATS, END = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 KIND_NAMES = {ACT: "activation", GRAD: "gradient", LABELS: "labels", ADAPTERS: "adapters", TOP: "top_hidden",
-              TOP_GRAD: "top_gradient", CONTROL: "control", CHECKPOINT: "checkpoint", STATS: "stats"}
+              TOP_GRAD: "top_gradient", CONTROL: "control", CHECKPOINT: "checkpoint", STATS: "stats",
+              END: "end"}
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool,
            torch.float64]
@@ -264,18 +265,26 @@ class Wire:
     def recv(self, src: int, kind: int, step: int, micro_batch: int) -> list[torch.Tensor]:
         """The next message of the channel from ``src``, which must be the one named (else an error: the two
         ends disagree about the order)."""
+        return self.recv_either(src, (kind,), step, micro_batch)[1]
+
+    def recv_either(self, src: int, kinds: tuple[int, ...], step: int, micro_batch: int
+                    ) -> tuple[int, list[torch.Tensor]]:
+        """Like :meth:`recv`, where the plan allows one of several kinds at this point (e.g. a decoding pass or
+        the END that replaces it); returns (kind, tensors)."""
         t0 = time.perf_counter()
-        action = f"receiving {KIND_NAMES[kind]} (mb {micro_batch})"
+        action = f"receiving {KIND_NAMES[kinds[0]]} (mb {micro_batch})"
         header = torch.empty(HEADER_LEN, dtype=torch.int64)
         try:
             self._wait(dist.irecv(header, src, group=self.group))
         except RuntimeError as e:
             raise self._error(src, step, action, e) from e
         got_kind, got_step, got_mb, specs = decode_header(header)
-        if (got_kind, got_step, got_mb) != (kind, step, micro_batch):  # a bug, not a failure of the peer
-            raise ProtocolError(f"rank {self.rank}: expected {KIND_NAMES[kind]} of step {step} mb {micro_batch} "
+        if got_kind not in kinds or (got_step, got_mb) != (step, micro_batch):  # a bug, not a failure of the peer
+            expected = " or ".join(KIND_NAMES[k] for k in kinds)
+            raise ProtocolError(f"rank {self.rank}: expected {expected} of step {step} mb {micro_batch} "
                                 f"from rank {src}, got {KIND_NAMES.get(got_kind, got_kind)} of step {got_step} "
                                 f"mb {got_mb}")
+        kind = got_kind
         try:
             on_gpu = self.data_groups is not None
             tensors = [torch.empty(shape, dtype=dtype, device=self.device if on_gpu else "cpu",
@@ -295,7 +304,7 @@ class Wire:
                 time.sleep(hold)
         self.counters.wait_s += time.perf_counter() - t0
         self.counters.add("recv", kind, nbytes)
-        return tensors
+        return kind, tensors
 
     def flush(self) -> None:
         """Wait for every outstanding send (their buffers are kept alive until here)."""
@@ -305,6 +314,21 @@ class Wire:
                 self._wait(work)
             except RuntimeError as e:
                 raise self._error(dst, step, f"sending {KIND_NAMES[kind]}", e) from e
+
+    def reap(self) -> None:
+        """Release the sends that have completed, without waiting for the others (a long stream of messages,
+        e.g. decoding, whose sends must not pile up until one ``flush`` at the end)."""
+        still = []
+        for entry in self._pending_sends:
+            work, _, dst, kind, step = entry
+            if not work.is_completed():
+                still.append(entry)
+                continue
+            try:
+                work.wait()  # returns at once; raises if the send failed
+            except RuntimeError as e:
+                raise self._error(dst, step, f"sending {KIND_NAMES[kind]}", e) from e
+        self._pending_sends = still
 
     def abandon(self) -> None:
         """Forget every outstanding send (the peer is gone; nothing will complete)."""

@@ -145,6 +145,19 @@ class Family:
     def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor: ...
     def embedding_names(self) -> list[str]: ...
     def head_names(self) -> list[str]: ...
+
+    # Decoding with a KV cache (causal LMs): what ``model.generate`` hands the blocks, piece by piece.
+    def embed_at(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding of tokens at given positions (a decoding step's token sits after the cached ones)."""
+        return self.embed(input_ids)
+
+    def cached_context(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                       cache, layer_idx: int) -> dict:
+        """Block arguments for ``hidden`` (the new positions) after what ``cache`` holds. ``attention_mask`` is
+        the 2-D mask of cached + new positions; ``layer_idx`` a block this process holds (its cache layer sizes
+        the mask: the others are empty here)."""
+        raise ValueError(f"model family {self.name} does not generate text")
+
     def shared_names(self) -> list[str]:
         """Small modules every rank keeps (e.g. rotary embeddings)."""
         return []
@@ -182,6 +195,14 @@ class LlamaFamily(Family):
         return {"attention_mask": mask, "position_ids": position_ids,
                 "position_embeddings": self.base.rotary_emb(hidden, position_ids=position_ids)}
 
+    def cached_context(self, hidden, attention_mask, position_ids, cache, layer_idx):
+        from transformers.masking_utils import create_causal_mask
+
+        mask = create_causal_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=cache, position_ids=position_ids, layer_idx=layer_idx)
+        return {"attention_mask": mask, "position_ids": position_ids, "past_key_values": cache, "use_cache": True,
+                "position_embeddings": self.base.rotary_emb(hidden, position_ids=position_ids)}
+
     def block(self, module, hidden, ctx):
         return module(hidden, **ctx)
 
@@ -215,6 +236,9 @@ class GPT2Family(Family):
 
     def embed(self, input_ids):
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return self.embed_at(input_ids, position_ids)
+
+    def embed_at(self, input_ids, position_ids):
         return self.base.drop(self.base.wte(input_ids) + self.base.wpe(position_ids))
 
     def context(self, hidden, attention_mask):
@@ -225,8 +249,17 @@ class GPT2Family(Family):
                                   past_key_values=None, position_ids=position_ids)
         return {"attention_mask": mask, "position_ids": position_ids}
 
+    def cached_context(self, hidden, attention_mask, position_ids, cache, layer_idx):
+        from transformers.masking_utils import create_causal_mask
+
+        mask = create_causal_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=cache, position_ids=position_ids, layer_idx=layer_idx)
+        return {"attention_mask": mask, "position_ids": position_ids, "past_key_values": cache}
+
     def block(self, module, hidden, ctx):
-        return module(hidden, None, ctx["attention_mask"], position_ids=ctx["position_ids"])
+        cache = ctx.get("past_key_values")
+        return module(hidden, cache, ctx["attention_mask"], position_ids=ctx["position_ids"],
+                      use_cache=cache is not None)
 
     def head(self, hidden, attention_mask):
         hidden = self.base.ln_f(hidden)

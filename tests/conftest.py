@@ -46,6 +46,15 @@ def pool2():
 
 
 @pytest.fixture(scope="session")
+def pool3():
+    from tests.ranks import RankPool
+
+    pool = RankPool(3)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
 def pool4():
     from tests.ranks import RankPool
 

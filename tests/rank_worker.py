@@ -1,8 +1,9 @@
 """A long-lived rank for multi-process tests: runs one ringada job after another, so ranks start once.
 
-Jobs arrive as files ``job-<k>.json`` ({"config": path, "port": int}) in the pool directory; the worker runs
-``ringada.runtime.train`` with RANK/WORLD_SIZE/MASTER_* set for that job and answers ``done-<k>-<rank>.json``
-with "ok" or the traceback. ``stop`` in the directory ends it.
+Jobs arrive as files ``job-<k>.json`` ({"config": path, "port": int}, optionally "generate": arguments of
+``ringada.generate.generate``) in the pool directory; the worker runs ``ringada.launch.train`` (or generate)
+with RANK/WORLD_SIZE/MASTER_* set for that job and answers ``done-<k>-<rank>.json`` with "ok" or the
+traceback. ``stop`` in the directory ends it.
 """
 
 import json
@@ -34,7 +35,14 @@ def main(directory: str, rank: int, world_size: int) -> None:
         spec = json.loads(job.read_text())
         os.environ["MASTER_PORT"] = str(spec["port"])
         try:
-            train(load(spec["config"]))
+            if "generate" in spec:  # {"adapter", "prompts", "options", "out"}
+                from ringada.generate import GenerateOptions, generate
+
+                g = spec["generate"]
+                generate(load(spec["config"]), g["adapter"], g["prompts"] if rank == 0 else None,
+                         GenerateOptions(**g.get("options", {})), g.get("out"))
+            else:
+                train(load(spec["config"]))
             answer = {"status": "ok"}
         except BaseException:  # noqa: BLE001 - the test process reports it
             answer = {"status": "error", "traceback": traceback.format_exc()}

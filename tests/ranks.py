@@ -38,14 +38,18 @@ class RankPool:
                                        stdout=open(self.dir / f"rank{r}.log", "w"), stderr=subprocess.STDOUT)
                       for r in range(self.world_size)]
 
-    def run(self, cfg: dict) -> None:
-        """Run one job on every rank; raise with the failing ranks' tracebacks. Never hangs past timeout_s."""
+    def run(self, cfg: dict, generate: dict | None = None) -> None:
+        """Run one job on every rank (training, or ``generate``: {"adapter", "prompts", "options", "out"}); raise
+        with the failing ranks' tracebacks. Never hangs past timeout_s."""
         k = self.jobs
         self.jobs += 1
         path = self.dir / f"config-{k}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         tmp = self.dir / f"job-{k}.tmp"
-        tmp.write_text(json.dumps({"config": str(path), "port": free_port()}))
+        spec = {"config": str(path), "port": free_port()}
+        if generate is not None:
+            spec["generate"] = generate
+        tmp.write_text(json.dumps(spec))
         tmp.replace(self.dir / f"job-{k}.json")
         deadline = time.monotonic() + self.timeout_s
         answers: dict[int, dict] = {}
