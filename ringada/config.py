@@ -151,6 +151,9 @@ class PipelineConfig:
     """Stop backpropagation at the lowest trainable adapter (ranks below it run forward only). false: backward
     through every block down to the embedding output, frozen ones included, as a pipeline that does not stop
     would; the same adapters are learned. The ablation that shows what early stop saves."""
+    compress: bool = False
+    """ring and line: activations and their gradients between ranks go through the codec of the compress section
+    (as star links do). Off: they travel exactly, and a ring run matches a single process."""
     emulate: bool = False
     """Emulate the profile on this machine: each rank's compute is stretched to its speed (a sleep of
     (1/speed - 1) x the measured time; speeds above this machine's count as 1) and every message is held for the
@@ -215,12 +218,46 @@ class StarConfig:
 
 @dataclass(kw_only=True)
 class CompressConfig:
+    """How smashed data travels: star links always (activations up, their gradients down; under label privacy
+    also the server's top hidden state down and its gradient up), ring and line links with pipeline.compress.
+    The defaults send it uncompressed. Stages in order: outliers, rotation, top-k, quantization, lossless
+    coding (ringada/compress.py describes each and the bytes on the wire)."""
+
     topk: float = 1.0
-    """Keep ratio of top-k sparsification of activations and their gradients (1: off)."""
+    """Keep ratio of top-k sparsification of activations and their gradients (1: off): the largest entries of
+    the whole tensor stay, the rest arrive as zeros. Destructive on LM hidden states, whose energy is spread over
+    all entries (keeping 10% loses most of it): prefer fewer bits."""
     bits: int = 0
-    """Bits per kept value for unbiased stochastic quantization (0: float32)."""
+    """Bits per activation value, 1..16 (0: float32, not quantized)."""
+    grad_bits: int | None = None
+    """Bits per activation-gradient value, 1..16 (0: float32, not quantized; null: the same as bits). Gradients
+    always round stochastically, so that they stay unbiased."""
+    scale: Literal["tensor", "token", "group"] = "group"
+    """What one quantization range covers: `tensor` (one [min, max] for the whole tensor, the original SFT scheme:
+    a few massive activations take every level), `token` (a symmetric absmax range per token), or `group` (one
+    per `group` consecutive channels of each token). Token and group ranges travel as float16 scales."""
+    group: int = 64
+    """Channels per range with scale=group (2 bytes per group: 0.25 bits per value at 64)."""
+    hadamard: int = 0
+    """Block size of an orthonormal Walsh-Hadamard rotation of each token's channels before quantizing, undone
+    after decoding (0: off): a power of two dividing the hidden size, e.g. 64. It spreads outlier channels over
+    their block, so one range fits all of it."""
+    outliers: float = 0.0
+    """Fraction of entries, the largest in magnitude, sent exactly (float32 value + index) and left out of the
+    ranges, e.g. 0.001 (0: off). Takes the massive activations of LM hidden states out of the quantizer."""
+    rounding: Literal["stochastic", "nearest"] = "stochastic"
+    """Rounding of activations to levels: `stochastic` (unbiased) or `nearest` (half the error, biased).
+    Gradients always round stochastically."""
+    error_feedback: bool = False
+    """Add what compressing a link's last activation gradient lost to its next one before encoding (error
+    feedback, per device link; kept in memory only, so a restart starts it from zero). Needs lossy gradients
+    (grad_bits or topk)."""
     lossless: Literal["none", "zlib", "lzma"] = "none"
-    """Lossless coding of the compressed payload."""
+    """Lossless coding of the compressed payload (raw zlib or lzma streams, standard library)."""
+    eval: Literal["exact", "codec"] = "exact"
+    """What eval_loss measures: `exact` (evaluation sends hidden states uncompressed: the model itself) or `codec`
+    (through the same lossy codec as training: the deployed split system). Star runs with a lossy codec evaluate
+    both ways and report the other one too (summary eval_after_exact / eval_after_codec)."""
 
 
 @dataclass(kw_only=True)
@@ -398,12 +435,13 @@ def dump(cfg: Config) -> str:
 # reads them, or validate() allows only the one value the mode runs with. Not listed because they do act:
 # pipeline.schedule in single (the order of its micro-batches, so their peak memory), pipeline.profile in single
 # and star.profile in sfl (`ringada simulate` takes the speeds from them).
+# the pipeline keys star modes ignore (they train every adapter from the first step)
 _PIPELINE_KEYS = ("pipeline.schedule", "pipeline.partition", "pipeline.profile", "pipeline.early_stop",
-                  "pipeline.emulate", "unfreeze.*")  # star modes train every adapter from the first step
+                  "pipeline.emulate", "pipeline.compress", "unfreeze.*")
 UNUSED_BY_MODE: dict[str, tuple[str, ...]] = {
-    "single": ("star.*", "compress.*", "pipeline.partition", "pipeline.emulate"),
-    "ring": ("star.*", "compress.*"),
-    "line": ("star.*", "compress.*"),
+    "single": ("star.*", "compress.*", "pipeline.partition", "pipeline.emulate", "pipeline.compress"),
+    "ring": ("star.*",),  # compress.* acts with pipeline.compress (validate() refuses it without)
+    "line": ("star.*",),
     "sfl": (*_PIPELINE_KEYS, "star.allocate", "star.error_budget"),  # allocation plans sft rounds only
     "sft": (*_PIPELINE_KEYS, "star.schedule", "star.server_copies"),  # sft serves all devices as one batch
 }
@@ -537,9 +575,11 @@ def validate(cfg: Config) -> None:
     if star.mobility != "none":
         _require(star.dwell_mean > 0, f"star.dwell_mean: got {star.dwell_mean}; star.mobility={star.mobility} "
                                       "needs a mean dwell time > 0 seconds")
-    _require(0 < comp.topk <= 1, f"compress.topk: got {comp.topk}; expected a keep ratio in (0, 1]")
-    _require(0 <= comp.bits <= 16, f"compress.bits: got {comp.bits}; expected 0 (off) to 16")
-    compressing = comp.topk < 1 or comp.bits > 0 or comp.lossless != "none"
+    _validate_compress(cfg)
+    compressing = comp != CompressConfig()
+    _require(not pipe.compress or pipe.mode in ("ring", "line"),
+             f"pipeline.compress: got true with pipeline.mode={pipe.mode!r}; it applies to ring and line (star links "
+             "always use the compress section)")
     if pipe.mode in ("sfl", "sft"):
         _require(run.steps == star.rounds * star.local_steps,
                  f"run.steps: got {run.steps}; star modes run star.rounds * star.local_steps = "
@@ -554,15 +594,66 @@ def validate(cfg: Config) -> None:
             _require(star.min_devices <= star.devices_per_round,
                      f"star.min_devices: got {star.min_devices} but only star.devices_per_round="
                      f"{star.devices_per_round} take part in a round, so every round would be skipped")
+    elif pipe.compress:
+        _require(compressing, "pipeline.compress: got true but the compress section is all defaults (nothing to "
+                              "compress); set e.g. compress.bits=8")
     else:
-        _require(not compressing, f"compress: got topk={comp.topk}, bits={comp.bits}, lossless={comp.lossless!r}; "
-                                  "compression applies to the star modes (sfl, sft) only")
+        changed = ", ".join(f"compress.{k}={v!r}" for k, v in dataclasses.asdict(comp).items()
+                            if v != getattr(CompressConfig(), k))
+        _require(not compressing, f"compress: got {changed}; compression applies to the star modes (sfl, sft), and "
+                                  f"to ring and line with pipeline.compress=true")
 
     _require(unf.initial >= 0, f"unfreeze.initial: got {unf.initial}; expected >= 0")
     _require(unf.every >= 0, f"unfreeze.every: got {unf.every}; expected >= 0 (0: all blocks train)")
     _require(unf.increment >= 1, f"unfreeze.increment: got {unf.increment}; expected >= 1")
     _require(unf.patience >= 1, f"unfreeze.patience: got {unf.patience}; expected >= 1")
     _require(unf.min_delta >= 0, f"unfreeze.min_delta: got {unf.min_delta}; expected >= 0")
+
+
+def _validate_compress(cfg: Config) -> None:
+    comp, defaults = cfg.compress, CompressConfig()
+    _require(0 < comp.topk <= 1, f"compress.topk: got {comp.topk}; expected a keep ratio in (0, 1]")
+    _require(0 <= comp.bits <= 16, f"compress.bits: got {comp.bits}; expected 0 (float32) to 16")
+    _require(comp.grad_bits is None or 0 <= comp.grad_bits <= 16,
+             f"compress.grad_bits: got {comp.grad_bits}; expected 0 (float32) to 16, or null (as compress.bits)")
+    _require(comp.group >= 1, f"compress.group: got {comp.group}; expected channels per range >= 1, e.g. 64")
+    h = comp.hadamard
+    _require(h == 0 or (2 <= h <= 65536 and h & (h - 1) == 0),
+             f"compress.hadamard: got {h}; expected 0 (off) or a power of two in 2..65536 that divides the hidden "
+             "size, e.g. 64")
+    _require(0 <= comp.outliers <= 0.5,
+             f"compress.outliers: got {comp.outliers}; expected a fraction in [0, 0.5], e.g. 0.001 (0: off)")
+    grad_bits = comp.bits if comp.grad_bits is None else comp.grad_bits
+    tuned = [k for k in ("scale", "group", "hadamard", "outliers", "rounding")
+             if getattr(comp, k) != getattr(defaults, k)]
+    if not comp.bits and not grad_bits and tuned:
+        raise ConfigError(f"compress.{tuned[0]}: got {getattr(comp, tuned[0])!r}, but compress.bits=0 and "
+                          f"compress.grad_bits={comp.grad_bits} send float32 values: it only shapes quantization "
+                          "(set compress.bits, e.g. 8)")
+    _require(comp.bits or comp.rounding == defaults.rounding,
+             f"compress.rounding: got {comp.rounding!r}, but compress.bits=0 sends activations as float32 (gradients "
+             "always round stochastically); set compress.bits, or leave rounding at 'stochastic'")
+    _require(comp.scale == "group" or comp.group == defaults.group,
+             f"compress.group: got {comp.group} with compress.scale={comp.scale!r}; it sizes the ranges of "
+             "scale=group (set compress.scale=group)")
+    allocating = cfg.star.allocate and cfg.pipeline.mode == "sft"  # may pick keep ratios < 1
+    lossy_gradients = comp.topk < 1 or grad_bits > 0 or allocating
+    _require(not comp.error_feedback or lossy_gradients,
+             f"compress.error_feedback: got true, but gradients travel exactly (compress.grad_bits={comp.grad_bits}, "
+             f"bits={comp.bits}, topk={comp.topk}); it needs lossy gradients (set compress.grad_bits, e.g. 4)")
+    lossy = lossy_gradients or comp.bits > 0
+    _require(comp.eval == "exact" or lossy,
+             f"compress.eval: got {comp.eval!r}, but nothing is compressed lossily (compress.bits=0, grad_bits="
+             f"{comp.grad_bits}, topk={comp.topk}); an evaluation through the codec would be the exact one")
+
+
+def check_compress_against_model(cfg: Config, hidden_size: int) -> None:
+    """The rotation block has to tile the hidden states of the model's tokens."""
+    h = cfg.compress.hadamard
+    if h and (cfg.pipeline.mode in ("sfl", "sft") or cfg.pipeline.compress):
+        _require(hidden_size % h == 0,
+                 f"compress.hadamard: got {h}, which does not divide the model's hidden size {hidden_size}; use a "
+                 f"power of two that does, e.g. {hidden_size & -hidden_size} (or 0: off)")
 
 
 def mode_is_star(cfg: Config) -> bool:

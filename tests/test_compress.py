@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ringada import compress as Z
-from ringada.compress import Codec, compressed_size, decode, dequantize, encode, stochastic_quantize, topk_sparsify
+from ringada.compress import (Codec, ErrorFeedback, compressed_size, decode, dequantize, encode, link_codecs,
+                              stochastic_quantize, topk_sparsify)
 
 
 def seeded(seed=0):
@@ -205,6 +206,8 @@ def test_sparse_index_encodings_round_trip():
 
 @pytest.mark.parametrize("codec", [
     Codec(topk=0.1), Codec(topk=0.3, bits=4, lossless="zlib"), Codec(bits=2, lossless="lzma"),
+    Codec(bits=3, scale="group", group=4, hadamard=8, outliers=0.01, lossless="zlib"),
+    Codec(topk=0.5, bits=2, scale="token", rounding="nearest"),
 ])
 def test_zero_size_and_scalar_tensors_with_lossy_codecs(codec):
     for x in (torch.zeros(0), torch.zeros(2, 0, 5), torch.tensor(-1.5)):
@@ -353,7 +356,7 @@ def test_every_flipped_byte_is_rejected(blob):
 
 @pytest.mark.parametrize("changes, match", [
     ({"magic": b"NOPE"}, "magic"),
-    ({"version": 2}, "version"),
+    ({"version": 3}, "version"),
     ({"lossless": 7}, "out of range"),
     ({"bits": 17}, "out of range"),
     ({"ndim": 9}, "out of range"),
@@ -400,3 +403,272 @@ def test_decode_rejects_non_blob_inputs(blob):
         decode(blob.reshape(1, -1))
     with pytest.raises(TypeError):
         decode([1, 2, 3])
+
+
+# --- version 2: outliers, rotation, per-token and per-group scales -------------------------------------------------
+
+
+def massive(seed=50):
+    """An activation-like [4, 128, 576] tensor: Gaussian, two LLM.int8-style outlier features (x20 in every
+    token) and massive activations (x1000, three channels of each sequence's first token; Sun et al. 2024)."""
+    x = torch.randn(4, 128, 576, generator=seeded(seed))
+    x[:, :, [10, 200]] *= 20
+    x[:, 0, [3, 77, 300]] *= 1000
+    return x
+
+
+def relative_error(codec, x, seed=51):
+    return float((decode(encode(x, codec, seeded(seed))) - x).norm() / x.norm())
+
+
+def test_new_stages_write_version_2_and_the_original_scheme_stays_version_1():
+    x = torch.randn(3, 64, generator=seeded(52))
+    for codec in (Codec(), Codec(topk=0.2, bits=4, rounding="nearest"), Codec(scale="group", lossless="zlib")):
+        assert codec.version == 1 and Z.read_header(encode(x, codec, seeded())).version == 1
+    for codec in (Codec(bits=4, scale="token"), Codec(hadamard=16), Codec(outliers=0.01),
+                  Codec(topk=0.5, bits=5, scale="group", group=16, hadamard=32, outliers=0.02, rounding="nearest",
+                        lossless="lzma")):
+        header = Z.read_header(encode(x, codec, seeded()))
+        assert codec.version == 2 and header.version == 2 and header.codec == codec  # the header records it all
+
+
+@pytest.mark.parametrize("block", [2, 4, 64, 128])
+def test_hadamard_rotation_is_orthonormal_and_its_own_inverse(block):
+    from scipy.linalg import hadamard
+
+    x = torch.randn(6, 128 + 5, generator=seeded(block), dtype=torch.float64).numpy()
+    y = Z.hadamard_rotate(x, block)
+    full = 133 // block * block
+    blocks = x[:, :full].reshape(6, -1, block)
+    np.testing.assert_allclose(y[:, :full].reshape(6, -1, block), blocks @ hadamard(block) / math.sqrt(block),
+                               rtol=0, atol=1e-12)
+    assert np.array_equal(y[:, full:], x[:, full:])  # a trailing run shorter than a block is left alone
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=1e-13)
+    np.testing.assert_allclose(Z.hadamard_rotate(y, block), x, rtol=0, atol=1e-12)
+
+
+def test_unquantized_version_2_stages_round_trip_to_float_rounding():
+    x = massive()[:2, :16]
+    for codec in (Codec(hadamard=64, lossless="zlib"), Codec(outliers=0.05), Codec(hadamard=8, outliers=0.001)):
+        y = decode(encode(x, codec))
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6 * float(x.abs().max()))
+
+
+def test_outliers_are_sent_exactly_and_removed_before_scaling():
+    x = massive()[:, :8]
+    codec = Codec(bits=2, scale="group", hadamard=64, outliers=0.001)
+    blob = encode(x, codec, seeded(53))
+    header = Z.read_header(blob)
+    assert header.outliers == math.ceil(0.001 * x.numel()) == 19  # 4 x 3 massive entries + the largest others
+    idx, _ = topk_sparsify(x, 0.001)
+    y = decode(blob)
+    assert same_bits(y.reshape(-1)[idx], x.reshape(-1)[idx])
+    assert {3, 77, 300} <= set((idx % 576).tolist())
+    # with the massive entries out of the way, 2 bits per value leave the rest within a few units
+    others = torch.ones(x.numel(), dtype=torch.bool)
+    others[idx] = False
+    assert float((y - x).reshape(-1)[others].abs().max()) < 0.25 * float(x.reshape(-1)[others].abs().max())
+
+
+@pytest.mark.parametrize("codec", [
+    Codec(bits=16, scale="group"), Codec(bits=16, scale="token", hadamard=64), Codec(bits=16, hadamard=32),
+    Codec(bits=16, scale="group", group=32, hadamard=64, outliers=0.001, rounding="nearest", lossless="zlib"),
+])
+def test_sixteen_bits_are_close(codec):
+    x = torch.randn(2, 16, 576, generator=seeded(63))
+    assert relative_error(codec, x) < 1e-4
+
+
+def test_each_group_draw_is_a_neighbouring_level_of_its_own_range():
+    x = torch.randn(5, 100, generator=seeded(54)) * torch.logspace(-3, 3, 100)  # channels of very unequal size
+    bits, group = 3, 16
+    y = decode(encode(x, Codec(bits=bits, scale="group", group=group), seeded(55)))
+    padded = torch.nn.functional.pad(x.abs(), (0, 12)).reshape(5, -1, group)  # 100 channels = 6 groups + 4
+    absmax = padded.amax(-1).repeat_interleave(group, -1)[:, :100]
+    step = 2 * absmax / (2**bits - 1)
+    assert bool(((y - x).abs() <= step * (1 + 2**-10) + 1e-30).all())  # float16 ratios round up by < 2^-11
+    # every group sets its own range: the small channels keep their precision next to the large ones
+    assert float(((y - x).abs() / x.abs().clamp_min(1e-30))[:, :16].median()) < 1.0
+
+
+def test_group_quantization_is_unbiased_and_nearest_is_not():
+    draws, bits = 4000, 2
+    v = torch.randn(64, generator=seeded(56)).double().numpy()
+    groups = Z.group_ids(np.arange(64), 64, 16)
+    ratios, base = Z.group_scales(v, groups, 4)
+    ranges = Z._ranges(ratios, base, groups)
+    tiled = np.tile(v, draws)
+    levels = Z.quantize_groups(tiled, np.tile(ranges, draws), bits, "stochastic", seeded(57))
+    mean = Z.dequantize_groups(levels, np.tile(ranges, draws), bits).reshape(draws, 64).mean(0)
+    step = 2 * ranges / (2**bits - 1)
+    tolerance = 4 * step / (2 * math.sqrt(draws))  # as in test_stochastic_quantize_is_unbiased
+    assert bool((np.abs(mean - v) < tolerance).all())
+    nearest = Z.dequantize_groups(Z.quantize_groups(v, ranges, bits, "nearest"), ranges, bits)
+    assert np.abs(nearest - v).max() > 5 * tolerance.max()
+    assert bool((np.abs(nearest - v) <= step / 2 + 1e-12).all())
+
+
+def test_the_whole_version_2_pipeline_is_unbiased():
+    """Outliers, rotation and stochastic group rounding together: E[decode(encode(x))] == x."""
+    draws = 300
+    x = torch.randn(2, 32, generator=seeded(58))
+    x[0, 5] = 40.0
+    codec = Codec(bits=2, scale="group", group=8, hadamard=16, outliers=0.02)
+    g = seeded(59)
+    mean = sum(decode(encode(x, codec, g)).double() for _ in range(draws)) / draws
+    # the rotated residual's largest group range bounds every level step; an inverse rotation is orthonormal, so
+    # a decoded entry's variance is at most step^2 / 4 as for one level
+    residual = x.clone().reshape(-1)
+    residual[topk_sparsify(x, 0.02)[0]] = 0
+    rotated = torch.from_numpy(Z.hadamard_rotate(residual.reshape(2, 32).double().numpy(), 16))
+    step = 2 * float(rotated.abs().max()) / 3
+    assert float((mean - x.double()).abs().max()) < 4.5 * step / (2 * math.sqrt(draws))
+
+
+def test_per_group_scales_and_rotation_tame_massive_activations():
+    """The failure of the original scheme on LM hidden states, and what fixes it (int4, one draw each)."""
+    x = massive()
+    old = relative_error(Codec(bits=4), x)
+    group = relative_error(Codec(bits=4, scale="group", group=64), x)
+    rotated = relative_error(Codec(bits=4, scale="group", group=64, hadamard=64), x)
+    recipe = relative_error(Codec(bits=4, scale="group", group=64, hadamard=64, outliers=0.001), x)
+    assert old > 5  # one range of +-3000 over N(0, 1) values: the noise is larger than the signal
+    assert group < old / 10 and rotated < old / 100 and recipe < rotated < 0.1
+
+
+def test_version_2_sizes_follow_the_layout():
+    x = massive()[:, :16]
+    numel, width = x.numel(), 576
+    tokens = numel // width
+    for codec in (Codec(bits=4, scale="group", group=64), Codec(bits=3, scale="token", hadamard=64),
+                  Codec(bits=5, scale="group", group=100, outliers=0.002)):
+        blob = encode(x, codec, seeded(60))
+        assert compressed_size(x, codec, seeded(60)) == blob.numel()
+        scales = tokens * (math.ceil(width / codec.group) if codec.scale == "group" else 1)
+        outliers = Z.outlier_count(numel, codec.outliers)
+        outlier_index = 0
+        if outliers:
+            idx, _ = topk_sparsify(x, codec.outliers)
+            outlier_index = varint_bytes(np.diff(idx.numpy(), prepend=-1) - 1)
+        assert blob.numel() == (Z.HEADER_SIZE_V2 + outlier_index + 4 * outliers + 2 * scales
+                                + math.ceil(numel * codec.bits / 8))
+    # sparse: scales are stored for every group, the index as in version 1
+    codec = Codec(topk=0.1, bits=4, scale="group")
+    header = Z.read_header(encode(x, codec, seeded(61)))
+    assert header.num_scales == tokens * 9 and header.kept == math.ceil(0.1 * numel)
+    assert header.raw_len == header.index_len + 2 * tokens * 9 + math.ceil(header.kept * 4 / 8)
+    for codec in (codec, Codec(bits=3, scale="group", hadamard=64, outliers=0.001, lossless="zlib")):
+        assert compressed_size(x, codec, seeded(62)) == encode(x, codec, seeded(62)).numel()
+
+
+def test_error_feedback_carries_what_compression_dropped_into_the_next_tensor():
+    codec = Codec(topk=0.1, bits=2, scale="group", group=8)
+    inputs = [torch.randn(4, 32, generator=seeded(70 + t)) for t in range(6)]
+    ef = ErrorFeedback()
+    decoded, targets = [], []
+    for t, x in enumerate(inputs):
+        target = x + ef.residuals["grad"] if t else x
+        blob = ef.encode("grad", x, codec, seeded(80 + t))
+        assert torch.equal(blob, encode(target, codec, seeded(80 + t)))  # it encodes input + last residual
+        decoded.append(decode(blob))
+        targets.append(target)
+        torch.testing.assert_close(ef.residuals["grad"], target - decoded[-1])
+    # telescoping: what arrived in total is what was sent in total, less the one residual still held back
+    torch.testing.assert_close(sum(decoded), sum(inputs) - ef.residuals["grad"], rtol=0, atol=1e-5)
+    plain = sum(decode(encode(x, codec, seeded(80 + t))) for t, x in enumerate(inputs))
+    assert float((sum(decoded) - sum(inputs)).norm()) < float((plain - sum(inputs)).norm())
+    # streams are independent, and a tensor of another shape restarts its stream
+    ef.encode("other", torch.ones(3), codec, seeded())
+    assert ef.residuals["other"].shape == (3,) and ef.residuals["grad"].shape == (4, 32)
+    blob = ef.encode("grad", torch.ones(2, 2), Codec(bits=8), seeded(90))
+    assert torch.equal(blob, encode(torch.ones(2, 2), Codec(bits=8), seeded(90)))
+
+
+def test_link_codecs_give_each_direction_its_settings():
+    from ringada.config import CompressConfig
+
+    c = link_codecs(CompressConfig(bits=4, rounding="nearest", hadamard=64, outliers=0.001, lossless="zlib"))
+    assert c.activation == Codec(bits=4, scale="group", group=64, hadamard=64, outliers=0.001, rounding="nearest",
+                                 lossless="zlib")
+    assert c.gradient == Codec(bits=4, scale="group", group=64, hadamard=64, outliers=0.001, rounding="stochastic",
+                               lossless="zlib")  # grad_bits null: as bits; gradients always round stochastically
+    c = link_codecs(CompressConfig(bits=8, grad_bits=0, scale="token", hadamard=64, error_feedback=False), topk=0.5)
+    assert c.gradient == Codec(topk=0.5) and c.activation.bits == 8 and c.activation.scale == "token"
+    assert link_codecs(CompressConfig()).is_identity and not link_codecs(CompressConfig()).is_lossy
+    assert link_codecs(CompressConfig(topk=0.2), topk=1 - 1e-12).is_identity  # an allocation's "keep all"
+    assert link_codecs(CompressConfig(grad_bits=4, error_feedback=True)).error_feedback
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"scale": "channel"}, ["compress.scale", "'channel'", "'token'", "'group'"]),
+    ({"group": 0}, ["compress.group", "0", ">= 1"]),
+    ({"hadamard": 48}, ["compress.hadamard", "48", "power of two"]),
+    ({"hadamard": 1}, ["compress.hadamard", "1", "power of two"]),
+    ({"outliers": 0.6}, ["compress.outliers", "0.6", "[0, 0.5]"]),
+    ({"outliers": -0.01}, ["compress.outliers", "-0.01"]),
+    ({"rounding": "up"}, ["compress.rounding", "'up'", "'nearest'"]),
+])
+def test_codec_validation_of_the_new_stages(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        Codec(**kwargs)
+    for word in words:
+        assert word in str(err.value)
+
+
+V2_FIELDS = ["magic", "version", "lossless", "bits", "dtype", "ndim", "index_mode", "scale_mode", "rounding",
+             "hadamard", "group", "ratio", "fraction", *[f"shape{i}" for i in range(8)], "numel", "kept", "outliers",
+             "lo", "scale", "outlier_index_len", "index_len", "raw_len", "body_len"]
+
+
+def reforge_v2(blob, body=None, **changes):
+    data = blob.numpy().tobytes()
+    fields = dict(zip(V2_FIELDS, Z._PREFIX_V2.unpack_from(data)))
+    body = data[Z.HEADER_SIZE_V2 :] if body is None else body
+    fields["body_len"] = len(body)
+    fields.update(changes)
+    prefix = Z._PREFIX_V2.pack(*fields.values())
+    return prefix + Z._CRC.pack(zlib.crc32(body, zlib.crc32(prefix))) + body
+
+
+@pytest.fixture(scope="module")
+def blob_v2():
+    x = torch.randn(4, 64, generator=seeded(91))
+    return encode(x, Codec(topk=0.5, bits=3, scale="group", group=16, hadamard=8, outliers=0.02), seeded(92))
+
+
+def test_version_2_blobs_reject_every_flipped_byte_and_truncation(blob_v2):
+    assert torch.equal(decode(reforge_v2(blob_v2)), decode(blob_v2))
+    data = blob_v2.numpy().tobytes()
+    for pos in range(len(data)):
+        bad = bytearray(data)
+        bad[pos] ^= 0x10
+        with pytest.raises(ValueError):
+            decode(bytes(bad))
+    for cut in (6, Z.HEADER_SIZE, Z.HEADER_SIZE_V2 - 1, len(data) - 1):
+        with pytest.raises(ValueError):
+            decode(data[:cut])
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"scale_mode": 3}, "out of range"),
+    ({"rounding": 2}, "out of range"),
+    ({"hadamard": 12}, "compress.hadamard"),
+    ({"group": 0}, "compress.group"),
+    ({"fraction": 0.9}, "compress.outliers"),
+    ({"outliers": 5}, "outliers"),
+    ({"outlier_index_len": 100}, "outlier index"),
+    ({"raw_len": 3}, "body of"),
+    ({"lo": 1.0}, "quantization"),
+    ({"kept": 3}, "kept"),
+])
+def test_inconsistent_version_2_headers_are_rejected(blob_v2, changes, match):
+    with pytest.raises(ValueError, match=match):
+        decode(reforge_v2(blob_v2, **changes))
+
+
+def test_version_2_scales_outside_their_range_are_rejected():
+    blob = encode(torch.randn(2, 16, generator=seeded(93)), Codec(bits=4, scale="token"), seeded(94))
+    body = bytearray(blob.numpy().tobytes()[Z.HEADER_SIZE_V2 :])
+    body[:2] = np.float16(2.0).tobytes()  # no outliers or index: the scales lead the body
+    with pytest.raises(ValueError, match="ratio"):
+        decode(reforge_v2(blob, body=bytes(body)))

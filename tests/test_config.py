@@ -74,6 +74,28 @@ def test_set_overrides_file_values(tmp_path):
     (["run.steps=1", "pipeline.mode=sfl", "star.mobility=exponential"], ["star.dwell_mean", "> 0"]),
     (["compress.topk=0.1"], ["compress", "star modes"]),
     (["run.steps=1", "pipeline.mode=sft", "compress.topk=0"], ["compress.topk", "(0, 1]"]),
+    (["run.steps=1", "pipeline.mode=sft", "compress.bits=4", "compress.hadamard=48"],
+     ["compress.hadamard", "48", "power of two"]),
+    (["run.steps=1", "pipeline.mode=sft", "compress.grad_bits=17"], ["compress.grad_bits", "17", "null"]),
+    (["run.steps=1", "pipeline.mode=sft", "compress.bits=4", "compress.outliers=0.7"],
+     ["compress.outliers", "0.7", "[0, 0.5]"]),
+    (["run.steps=1", "pipeline.mode=sft", "compress.bits=4", "compress.group=0"], ["compress.group", "0", ">= 1"]),
+    (["run.steps=1", "pipeline.mode=sft", "compress.scale=channel"], ["compress.scale", "'channel'", "'token'"]),
+    (["run.steps=1", "pipeline.mode=sft", "compress.eval=sometimes"], ["compress.eval", "'exact'", "'codec'"]),
+    (["run.steps=1", "pipeline.mode=sft", "compress.hadamard=64"],
+     ["compress.hadamard", "64", "compress.bits=0", "set compress.bits"]),
+    (["run.steps=1", "pipeline.mode=sft", "compress.grad_bits=4", "compress.rounding=nearest"],
+     ["compress.rounding", "'nearest'", "activations"]),
+    (["run.steps=1", "pipeline.mode=sft", "compress.bits=4", "compress.scale=token", "compress.group=32"],
+     ["compress.group", "32", "scale=group"]),
+    (["run.steps=1", "pipeline.mode=sft", "compress.bits=8", "compress.grad_bits=0", "compress.error_feedback=true"],
+     ["compress.error_feedback", "grad_bits=0", "lossy gradients"]),
+    (["run.steps=1", "pipeline.mode=sft", "compress.lossless=zlib", "compress.eval=codec"],
+     ["compress.eval", "'codec'", "nothing is compressed lossily"]),
+    (["pipeline.mode=ring", "compress.bits=4"], ["compress.bits=4", "pipeline.compress=true"]),
+    (["pipeline.mode=ring", "pipeline.compress=true"], ["pipeline.compress", "all defaults"]),
+    (["run.steps=1", "pipeline.mode=sfl", "pipeline.compress=true", "compress.bits=4"],
+     ["pipeline.compress", "'sfl'", "ring and line"]),
 ])
 def test_rejections_name_key_value_and_fix(overrides, words):
     with pytest.raises(C.ConfigError) as err:
@@ -215,3 +237,21 @@ def test_unused_keys_are_warned_about_once(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="ringada.config"):
         C.load(path, ["pipeline.mode=sfl", "run.steps=2", "star.local_steps=1"])
     assert not caplog.records
+
+
+def test_compress_settings_that_load():
+    cfg = C.load(None, ["run.steps=1", "pipeline.mode=sft", "compress.bits=3", "compress.grad_bits=null",
+                        "compress.hadamard=64", "compress.outliers=1e-3", "compress.rounding=nearest",
+                        "compress.error_feedback=true", "compress.eval=codec", "compress.lossless=zlib"])
+    assert cfg.compress.grad_bits is None and cfg.compress.outliers == 0.001 and cfg.compress.scale == "group"
+    ring = C.load(None, ["pipeline.mode=ring", "pipeline.compress=true", "compress.bits=8", "compress.grad_bits=0"])
+    assert ring.pipeline.compress and C.unused_keys({"compress": {"bits": 8}}, ring) == []
+    assert C.Config().compress == C.CompressConfig() and C.Config().pipeline.compress is False  # nothing by default
+
+
+def test_hadamard_block_must_tile_the_hidden_size():
+    cfg = C.load(None, ["run.steps=1", "pipeline.mode=sft", "compress.bits=4", "compress.hadamard=64"])
+    C.check_compress_against_model(cfg, 576)
+    with pytest.raises(C.ConfigError, match="hadamard: got 64, which does not divide the model's hidden size 48; "
+                                            "use a power of two that does, e.g. 16"):
+        C.check_compress_against_model(cfg, 48)
