@@ -384,3 +384,122 @@ def plot(bench: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"{key}.png", dpi=110)
         plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------- decoding bench
+
+GENERATE_SYSTEMS = ["single-generate", "single-generate-batched", "ring-generate", "ring-generate-batched"]
+GENERATE_PROMPTS = ["ROMEO:", "JULIET:", "First Citizen:", "KING RICHARD III:", "HAMLET:", "MACBETH:", "OTHELLO:",
+                    "PORTIA:"]
+
+
+def generate_settings(system: str, prompts: int, world: int) -> tuple[int, dict]:
+    """(processes, generate options) of a decoding system. ``single-generate`` takes one prompt at a time (what
+    a loop over ``generate`` does); ``-batched`` puts the prompts in as few micro-batches as keep every rank
+    busy; the ring keeps ``world`` micro-batches in flight."""
+    if system == "single-generate":
+        return 1, {"batch_size": 1, "in_flight": 1}
+    if system == "single-generate-batched":
+        return 1, {"batch_size": prompts, "in_flight": 1}
+    if system == "ring-generate":
+        return world, {"batch_size": 1, "in_flight": world}
+    if system == "ring-generate-batched":
+        return world, {"batch_size": max(1, -(-prompts // world)), "in_flight": world}
+    raise ValueError(f"unknown decoding system {system!r}; choose from {', '.join(GENERATE_SYSTEMS)}")
+
+
+def run_generate_bench(out: Path, smoke: bool, world: int, max_new_tokens: int = 32, adapter: str | None = None,
+                       overrides: list[str] = (), systems: list[str] | None = None, timeout: float = 1800) -> dict:
+    """Decode the same prompts with the same adapter in one process and across the ring (greedy), and compare
+    tokens/s (prefill and decode), peak memory per rank and bytes on the wire. Every system must produce the
+    same tokens (``same_tokens``). Writes DIR/bench.json and DIR/bench.md."""
+    import yaml
+
+    from .config import load
+
+    if world < 2:
+        raise ValueError(f"--world: got {world}; expected >= 2")
+    unknown = [s for s in systems or [] if s not in GENERATE_SYSTEMS]
+    if unknown:
+        raise ValueError(f"--systems: {unknown} are not in this suite; choose from {', '.join(GENERATE_SYSTEMS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in base_settings(smoke, out / "data").items() if k.startswith(("model.", "adapter."))}
+    from .config import parse_override
+
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        settings[f"{section}.{key}"] = value
+    cfg = load(None, _set_args({**settings, "run.out_dir": str(out / "adapter-run")}))
+    prompts_file = out / "prompts.jsonl"
+    if smoke:
+        import random
+
+        rng = random.Random(0)
+        prompts = [{"input_ids": [rng.randrange(3, 256) for _ in range(rng.randrange(4, 12))]}
+                   for _ in range(2 * world)]
+    else:
+        prompts = [{"text": p} for p in (GENERATE_PROMPTS * world)[:2 * world]]
+    prompts_file.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    if adapter is None:  # the run's initial adapter: decoding speed does not depend on the values
+        from .adapters import add_adapters, save_adapters
+        from .models import load_model, resolve_model_dir
+
+        cut = load_model(cfg.model.path, "causal_lm", seed=cfg.run.seed)
+        made = add_adapters(cut, cfg.adapter, cfg.run.seed, base_dir=str(resolve_model_dir(cfg.model.path)))
+        adapter = str(save_adapters(out / "adapter", made.state_dict(), made.config_json))
+        del cut
+    config_path = out / "config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    results, tokens = [], {}
+    for system in systems or GENERATE_SYSTEMS:
+        procs, opts = generate_settings(system, len(prompts), world)
+        run_out = out / "runs" / f"{system}.jsonl"
+        args = ["generate", "--config", str(config_path), "--adapter", adapter, "--prompts", str(prompts_file),
+                "--max-new-tokens", str(max_new_tokens), "--batch-size", str(opts["batch_size"]),
+                "--in-flight", str(opts["in_flight"]), "--out", str(run_out)]
+        if procs == 1:
+            args = ["--set", f"run.threads={os.cpu_count() or 1}", *args[1:]]
+            cmd = [sys.executable, "-m", "ringada", "generate", *args]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}",
+                   "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "ringada", *args]
+        log.info("generate bench: %s", system)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"{system} failed:\n{result.stderr[-3000:]}")
+        summary = json.loads(run_out.with_name(run_out.stem + ".summary.json").read_text())
+        tokens[system] = [json.loads(line)["tokens"] for line in run_out.read_text().splitlines()]
+        ranks = summary["ranks"]
+        results.append({"system": system, "ranks": len(ranks), **opts,
+                        "prefill_tokens_per_s": summary["prefill_tokens_per_s"],
+                        "decode_tokens_per_s": summary["decode_tokens_per_s"], "wall_s": summary["wall_s"],
+                        "new_tokens": summary["new_tokens"],
+                        "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in ranks],
+                        "model_bytes_per_rank": [r["model_bytes"] for r in ranks],
+                        "kv_cache_peak_bytes_per_rank": [r["kv_cache_peak_bytes"] for r in ranks],
+                        "bytes_sent": sum(r["bytes_sent"] for r in ranks)})
+    first = next(iter(tokens.values()))
+    for r in results:
+        r["same_tokens"] = tokens[r["system"]] == first
+    bench = {"suite": "generate", "smoke": smoke, "world_size": world, "max_new_tokens": max_new_tokens,
+             "prompts": len(prompts), "adapter": adapter, "settings": settings, "machine": machine("cpu"),
+             "results": results}
+    (out / "bench.json").write_text(json.dumps(bench, indent=2))
+    (out / "bench.md").write_text(generate_table(bench))
+    return bench
+
+
+def generate_table(bench: dict) -> str:
+    lines = ["| system | ranks | prompts per micro-batch × in flight | prefill tokens/s | decode tokens/s | "
+             "peak RSS MiB per rank | model MiB per rank | KV cache MiB per rank | bytes sent MB | same tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in bench["results"]:
+        def per_rank(key):
+            return " / ".join(f"{b / 2**20:.0f}" if b >= 2**20 else f"{b / 2**20:.2f}" for b in r[key])
+        lines.append(f"| {r['system']} | {r['ranks']} | {r['batch_size']} × {r['in_flight']} | "
+                     f"{_num(r['prefill_tokens_per_s'], '.0f')} | {_num(r['decode_tokens_per_s'], '.1f')} | "
+                     f"{per_rank('peak_rss_bytes_per_rank')} | {per_rank('model_bytes_per_rank')} | "
+                     f"{per_rank('kv_cache_peak_bytes_per_rank')} | {r['bytes_sent'] / 1e6:.2f} | "
+                     f"{'yes' if r['same_tokens'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
