@@ -203,3 +203,18 @@ def _ring_check(pool, dirs, tmp_path, partition, batch, in_flight):
     summary = json.loads((tmp_path / "gen.summary.json").read_text())
     assert summary["world_size"] == len(partition) and summary["new_tokens"] == sum(map(len, got))
     return summary
+
+
+def test_generate_bench_systems_decode_every_prompt_once():
+    from ringada.bench import GENERATE_SYSTEMS, generate_settings
+
+    for prompts, world in ((8, 4), (7, 3), (1, 2)):
+        for system in GENERATE_SYSTEMS:
+            procs, opts = generate_settings(system, prompts, world)
+            assert procs == (1 if system.startswith("single") else world)
+            assert opts["batch_size"] >= 1 and opts["in_flight"] >= 1
+        # the batched ring puts every prompt in one wave of `world` micro-batches
+        _, opts = generate_settings("ring-generate-batched", prompts, world)
+        assert opts["batch_size"] * world >= prompts > (opts["batch_size"] - 1) * world
+    with pytest.raises(ValueError, match="unknown decoding system"):
+        generate_settings("tdp-generate", 8, 4)
