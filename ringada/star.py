@@ -28,6 +28,7 @@ statistics, RNG), so a restart of the whole star continues from the last round, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -44,8 +45,8 @@ from . import checkpoint
 from .adapters import add_adapters, add_lora_sets, check_target_modules, lora_config, save_adapters
 from .comm import (ACT, ADAPTERS, CHECKPOINT, CONTROL, GRAD, LABELS, STATS, TOP, TOP_GRAD, Counters, PeerError,
                    Placement, ProtocolError, Wire, link_group, pack_state, unpack_state)
-from .compress import Codec, decode, encode
-from .config import Config, ConfigError, check_against_model
+from .compress import Codec, ErrorFeedback, LinkCodecs, decode, encode, link_codecs
+from .config import Config, ConfigError, check_against_model, check_compress_against_model
 from .data import Batch, Dataset
 from .driver import Trainer, UnitResult
 from .federated.aggregate import aggregate
@@ -75,7 +76,7 @@ MESSAGES = {
     "hello": (UP, STATS, 0),  # [shard size, eval batches, their sizes...]
     "view": (UP, ADAPTERS, 0),  # the device's initial adapters (the first global adapter is their FedAvg)
     "restore": (DOWN, CHECKPOINT, 0),  # resumed device state: adapters, AdamW state, data position
-    "command": (DOWN, CONTROL, 1),  # [command, round or evaluator flag, local steps]
+    "command": (DOWN, CONTROL, 1),  # [command, round or evaluator flag, local steps or eval link (EVAL_LINKS)]
     "activation": (UP, ACT, 0),  # smashed hidden state [+ timing, attention mask]
     "labels": (UP, LABELS, 0),
     "top": (DOWN, TOP, 0),  # smashed top hidden state (label privacy)
@@ -87,6 +88,9 @@ MESSAGES = {
     "row": (UP, STATS, 2),  # the device's summary row
 }
 SMASHED = frozenset({"activation", "top", "top_gradient", "gradient"})  # what goes through the codec
+GRADIENTS = frozenset({"top_gradient", "gradient"})  # smashed gradients: the gradient codec, error feedback
+EXACT, CODEC = "exact", "codec"
+EVAL_LINKS = (EXACT, CODEC)  # how an evaluation's smashed data travels (compress.eval)
 
 
 @dataclass(frozen=True)
@@ -161,12 +165,23 @@ def format_plan(plan: list[Msg]) -> str:
 
 class Link:
     """One device's channel to the server, from either end: named messages in the order of the plan both ends
-    derived, each checked against it; activations and their gradients through the codec."""
+    derived, each checked against it; activations and their gradients through the codecs of their direction.
 
-    def __init__(self, rank: int, peer: int, wire: Wire, codec: Codec, seed: int, at_server: bool,
+    Evaluation messages (negative steps) travel exactly unless ``eval_codec`` is set (compress.eval and the
+    second evaluation pass). ``smashed`` counts, per message name, the smashed tensors of training steps this end
+    sent or received: [messages, bytes uncompressed, bytes of what travelled]."""
+
+    def __init__(self, rank: int, peer: int, wire: Wire, codecs: LinkCodecs | Codec, seed: int, at_server: bool,
                  dtype: torch.dtype = torch.float32):
-        """``dtype``: of the hidden states and their gradients (run.dtype), which a decoded blob is cast back to."""
-        self.rank, self.peer, self.wire, self.codec, self.seed, self.dtype = rank, peer, wire, codec, seed, dtype
+        """``codecs``: the link's codecs (one Codec: the same both ways). ``dtype``: of the hidden states and their
+        gradients (run.dtype), which a decoded blob is cast back to."""
+        if isinstance(codecs, Codec):
+            codecs = LinkCodecs(activation=codecs, gradient=codecs)
+        self.rank, self.peer, self.wire, self.codecs, self.seed, self.dtype = rank, peer, wire, codecs, seed, dtype
+        # this end's own gradient streams (the server's downlink, a device's top gradient), kept across rounds
+        self.feedback = ErrorFeedback() if codecs.error_feedback else None
+        self.eval_codec = False
+        self.smashed: dict[str, list[int]] = {}
         self.outgoing = DOWN if at_server else UP
         self.plan: deque[Msg] = deque()
         self.lost = False  # the server gave up on this link (an error or a timeout): it is never used again
@@ -183,27 +198,73 @@ class Link:
 
     def send(self, name: str, step: int, tensors: list[torch.Tensor]) -> None:
         kind, mb = self._next(name, step, self.outgoing)
-        # a non-finite tensor goes as it is: the codec cannot quantize it, and the receiver must see it to skip
-        if name in SMASHED and not self.codec.is_identity and bool(torch.isfinite(tensors[0]).all()):
-            gen = torch.Generator().manual_seed(hash((self.seed, self.rank, self.peer, kind, step)) % 2**63)
-            tensors = [encode(tensors[0].detach(), self.codec, gen), *tensors[1:]]
+        if name in SMASHED:
+            tensors = [self._encode(name, kind, step, tensors[0]), *tensors[1:]]
         self.wire.send(self.peer, kind, step, mb, tensors)
 
     def recv(self, name: str, step: int) -> list[torch.Tensor]:
         kind, mb = self._next(name, step, UP if self.outgoing == DOWN else DOWN)
         tensors = self.wire.recv(self.peer, kind, step, mb)
-        if name in SMASHED and tensors[0].dtype == torch.uint8:  # a compressed blob (decoded as fp32 on the CPU)
-            tensors[0] = decode(tensors[0]).to(self.wire.device, self.dtype)
+        if name in SMASHED:
+            travelled = tensors[0]
+            if travelled.dtype == torch.uint8:  # a compressed blob (decoded as fp32 on the CPU)
+                tensors[0] = decode(travelled).to(self.wire.device, self.dtype)
+            self._count(name, step, tensors[0], travelled)
         return tensors
+
+    def _encode(self, name: str, kind: int, step: int, x: torch.Tensor) -> torch.Tensor:
+        """What travels for smashed tensor ``x``: a blob of its direction's codec, or ``x`` itself when that codec
+        is the identity, in an exact evaluation, and when ``x`` is not finite (the codec cannot quantize it, and
+        the receiver must see it to skip the step)."""
+        codec = self.codecs.gradient if name in GRADIENTS else self.codecs.activation
+        out = x
+        if not codec.is_identity and (step >= 0 or self.eval_codec) and bool(torch.isfinite(x).all()):
+            gen = torch.Generator().manual_seed(hash((self.seed, self.rank, self.peer, kind, step)) % 2**63)
+            if self.feedback is not None and name in GRADIENTS and step >= 0:
+                out = self.feedback.encode(name, x, codec, gen)
+            else:
+                out = encode(x.detach(), codec, gen)
+        self._count(name, step, x, out)
+        return out
+
+    def _count(self, name: str, step: int, tensor: torch.Tensor, travelled: torch.Tensor) -> None:
+        if step >= 0:
+            entry = self.smashed.setdefault(name, [0, 0, 0])
+            entry[0] += 1
+            entry[1] += tensor.numel() * tensor.element_size()
+            entry[2] += travelled.numel() * travelled.element_size()
 
     def flush(self) -> None:
         self.wire.flush()
 
 
-def _link_codecs(cfg: Config, topo: StarTopology) -> dict[int, Codec]:
+def _link_codecs(cfg: Config, topo: StarTopology) -> dict[int, LinkCodecs]:
     keep = topo.keep_ratios or [cfg.compress.topk] * len(topo.devices)
-    return {u: Codec(topk=1.0 if keep[u - 1] >= 1.0 - 1e-9 else keep[u - 1], bits=cfg.compress.bits,
-                     lossless=cfg.compress.lossless) for u in topo.devices}
+    return {u: link_codecs(cfg.compress, keep[u - 1]) for u in topo.devices}
+
+
+def eval_links(cfg: Config, topo: StarTopology) -> list[str]:
+    """How one evaluation's smashed data travels, pass by pass: compress.eval's link first (it gives eval_loss),
+    then, when some device's codec is lossy, the other one, so that a run shows what compression costs."""
+    head = cfg.compress.eval
+    lossy = any(c.is_lossy for c in _link_codecs(cfg, topo).values())
+    return [head] + ([EXACT if head == CODEC else CODEC] if lossy else [])
+
+
+def smashed_summary(links: list[Link]) -> dict:
+    """Smashed data of training steps as the links saw it: bytes uncompressed (the tensors' own size) and bytes
+    that travelled (blobs, or the tensors sent as they were), per message name and in all."""
+    names: dict[str, dict] = {}
+    for link in links:
+        for name, (messages, raw, coded) in link.smashed.items():
+            entry = names.setdefault(name, {"messages": 0, "raw_bytes": 0, "coded_bytes": 0})
+            entry["messages"] += messages
+            entry["raw_bytes"] += raw
+            entry["coded_bytes"] += coded
+    raw = sum(e["raw_bytes"] for e in names.values())
+    coded = sum(e["coded_bytes"] for e in names.values())
+    return {"raw_bytes": raw, "coded_bytes": coded, "ratio": coded / raw if raw else None,
+            "by_message": dict(sorted(names.items()))}
 
 
 @dataclass
@@ -235,6 +296,8 @@ def make_star_topology(cfg: Config, rank: int, world_size: int) -> StarTopology:
     blocks = cfg.star.device_blocks
     depths = list(blocks) if len(blocks) == world_size - 1 else [blocks[0]] * (world_size - 1)
     topo = StarTopology(rank=rank, world_size=world_size, num_blocks=num_blocks, depths=depths)
+    if cfg.compress.hadamard:
+        check_compress_against_model(cfg, read_config(cfg.model.path).hidden_size)
     if cfg.star.allocate:
         # Every rank solves the same deterministic problem, so all agree on depths without a message.
         result = plan_allocation(cfg, world_size - 1)
@@ -352,6 +415,7 @@ class DeviceTrainer(Trainer):
         self.eval_batches = [b.to(device) for b in data.eval.eval_batches(cfg.data.batch_size, cfg.run.eval_batches)] \
             if data.eval else []
         self.has_eval = bool(self.eval_batches)
+        self.eval_links = eval_links(cfg, topo)
         self.steps_done = 0  # the data position: this device's next batch
         self.times = DeviceTimes()
         self.last_bwd_s = 0.0
@@ -395,21 +459,24 @@ class DeviceTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Forward only: this device's eval batches through its blocks and the server's (global) adapters."""
+        """Forward only: this device's eval batches through its blocks and the server's (global) adapters, once
+        per eval link (see :func:`eval_links`)."""
         link = self.link
-        evaluator = self._command(EVAL, -1)
-        link.follow(eval_plan(bool(evaluator), len(self.eval_batches), self.privacy)[1:])
-        if evaluator:
-            stats = [0.0, 0, 0]
-            for j, batch in enumerate(self.eval_batches):
-                step = -1 - j
-                self._send_activation(batch, step, self.lower_forward(batch, train=False), 0.0)
-                if self.privacy:
-                    top = link.recv("top", step)[0]
-                    _, s = self.head_loss(top, batch, train=False)
-                    stats = [a + b for a, b in zip(stats, s)]
-            link.send("eval_stats", -1, [torch.tensor(stats, dtype=torch.float64)])
-        link.flush()
+        for mode in self.eval_links:
+            evaluator = self._command(EVAL, -1, eval_link=EVAL_LINKS.index(mode))
+            link.eval_codec = mode == CODEC
+            link.follow(eval_plan(bool(evaluator), len(self.eval_batches), self.privacy)[1:])
+            if evaluator:
+                stats = [0.0, 0, 0]
+                for j, batch in enumerate(self.eval_batches):
+                    step = -1 - j
+                    self._send_activation(batch, step, self.lower_forward(batch, train=False), 0.0)
+                    if self.privacy:
+                        top = link.recv("top", step)[0]
+                        _, s = self.head_loss(top, batch, train=False)
+                        stats = [a + b for a, b in zip(stats, s)]
+                link.send("eval_stats", -1, [torch.tensor(stats, dtype=torch.float64)])
+            link.flush()
         return {}
 
     def state(self):
@@ -429,13 +496,17 @@ class DeviceTrainer(Trainer):
         return {"rank": self.topo.rank, "blocks": [0, self.depth], "fwd_s": self.times.fwd_s,
                 "bwd_s": self.times.bwd_s, "train_cpu_s": self.times.train_cpu_s}
 
-    def _command(self, expected: int, step: int) -> int:
-        """The server's next command, which the driver's lockstep predicts; returns its argument."""
+    def _command(self, expected: int, step: int, eval_link: int | None = None) -> int:
+        """The server's next command, which the driver's lockstep predicts (an evaluation's link too); returns its
+        argument."""
         self.link.follow([Msg("command", step)])
-        command, arg, steps = self.link.recv("command", step)[0].tolist()
+        command, arg, detail = self.link.recv("command", step)[0].tolist()
         if command != expected:
             raise ProtocolError(f"rank {self.topo.rank}: expected command {expected}, got {command}")
-        return steps if command == TRAIN else arg
+        if eval_link is not None and detail != eval_link:
+            raise ProtocolError(f"rank {self.topo.rank}: expected an evaluation through the {EVAL_LINKS[eval_link]} "
+                                f"link, the server's goes through link {detail}")
+        return detail if command == TRAIN else arg
 
     # -- compute
     def lower_forward(self, batch: Batch, train: bool) -> torch.Tensor:
@@ -789,6 +860,8 @@ class ServerTrainer(Trainer):
         self.round = 0
         self.has_eval = False
         self.n_eval = 0
+        self.eval_links = eval_links(cfg, topo)
+        self.last_evals: dict[str, dict] = {}  # eval link -> record, of an evaluation after the last round
         self.shard_sizes: dict[int, float] = {}
         self.device_keys: dict[int, list[str]] = {}  # the adapter keys each device holds
         self.device_states: dict[int, dict] = {}  # each device's AdamW state and data position, last committed
@@ -858,7 +931,7 @@ class ServerTrainer(Trainer):
     def train_unit(self, t: int) -> UnitResult:
         cfg, srv, star, topo = self.cfg, self.server, self.cfg.star, self.topo
         L, local = topo.num_blocks, star.local_steps
-        self.round, self.lost_now = t, {}
+        self.round, self.lost_now, self.last_evals = t, {}, {}
         cpu0 = time.process_time()
         live = sorted(self.live)
         selected = srv.selector.select(t, live) if live else []
@@ -948,20 +1021,34 @@ class ServerTrainer(Trainer):
         return UnitResult(records=records, tokens=tokens, loss=loss, nonfinite=nonfinite)
 
     def evaluate(self) -> dict:
-        live = sorted(self.live)
-        evaluator = live[0] if live else None
-        plans = {u: eval_plan(u == evaluator, self.n_eval, self.server.privacy) for u in live}
-        self._send_all(plans, "command", -1, {u: [EVAL, int(u == evaluator), 0] for u in live})
-        for u in live:
-            if u != evaluator:
-                with self._exchange(u, -1, "evaluating"):
-                    self.links[u].flush()
-        if evaluator is None or evaluator not in self.live:
-            log.error("no device to evaluate with (lost: %s)", sorted(self.lost))
-            return {}
-        with self._exchange(evaluator, -1, "evaluating"):
-            return self.server.evaluate(evaluator, self.links[evaluator], self.n_eval)
-        return {}  # the evaluator was lost on the way
+        """The record of compress.eval's link; with a lossy codec also the other link's, its keys suffixed with
+        the link's name (eval_loss_codec, ...)."""
+        records = {}
+        for mode in self.eval_links:
+            live = sorted(self.live)
+            evaluator = live[0] if live else None
+            plans = {u: eval_plan(u == evaluator, self.n_eval, self.server.privacy) for u in live}
+            self._send_all(plans, "command", -1, {u: [EVAL, int(u == evaluator), EVAL_LINKS.index(mode)]
+                                                  for u in live})
+            for u in live:
+                if u != evaluator:
+                    with self._exchange(u, -1, "evaluating"):
+                        self.links[u].flush()
+            if evaluator is None or evaluator not in self.live:
+                log.error("no device to evaluate with (lost: %s)", sorted(self.lost))
+                continue
+            for link in self.links.values():
+                link.eval_codec = mode == CODEC
+            with self._exchange(evaluator, -1, "evaluating"):  # the evaluator may be lost on the way
+                records[mode] = self.server.evaluate(evaluator, self.links[evaluator], self.n_eval)
+        self.last_evals = records
+        head = records.get(self.eval_links[0], {})
+        if len(self.eval_links) == 1 or not head:
+            return head
+        out = {**head, "eval_link": self.eval_links[0]}
+        for mode in self.eval_links[1:]:
+            out.update({f"{k}_{mode}": v for k, v in records.get(mode, {}).items()})
+        return out
 
     def state(self) -> tuple[dict, dict]:
         return self.committed
@@ -986,7 +1073,10 @@ class ServerTrainer(Trainer):
         ranks = [rows[r] for r in range(topo.world_size)]
         return {
             "rounds": cfg.star.rounds, "num_blocks": topo.num_blocks, "device_blocks": topo.depths,
-            "compress": {"topk": cfg.compress.topk, "bits": cfg.compress.bits, "lossless": cfg.compress.lossless},
+            "compress": {**dataclasses.asdict(cfg.compress), "eval_links": self.eval_links,
+                         "smashed": smashed_summary(list(self.links.values()))},
+            **({f"eval_after_{mode}": record for mode, record in self.last_evals.items()}
+               if len(self.eval_links) > 1 else {}),
             **({"allocation": topo.allocation} if topo.allocation else {}),
             "bytes_on_wire": sum(r.get("bytes_sent", 0) for r in ranks), "server": srv.memory_report(),
             "ranks": ranks, "rounds_log": self.rounds_log, "lost_devices": {str(u): v for u, v in self.lost.items()}}

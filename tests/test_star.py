@@ -4,6 +4,7 @@ does not change what is learned; compression cuts the bytes on the wire; skipped
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -90,15 +91,58 @@ def test_sfl_server_keeps_one_base_and_a_lora_set_per_device(pool4, tmp_path, ti
 
 
 def test_compression_cuts_smashed_bytes(pool4, tmp_path, tiny_dirs, token_jsonl):
-    sizes = {}
+    sizes, smashed = {}, {}
     for name, comp in {"plain": {}, "compressed": {"topk": 0.1, "bits": 4, "lossless": "zlib"}}.items():
         raw = _cfg(tmp_path / name, tiny_dirs["llama"], token_jsonl, mode="sft", devices=[2, 2, 2], rounds=1)
         raw["compress"] = comp
         raw["data"]["seq_len"] = 64  # larger activations, so headers do not dominate
+        raw["data"]["eval"] = None  # evaluations travel exactly: only training messages are counted here
         pool4.run(raw)
-        ranks = json.loads(open(tmp_path / name / "summary.json").read())["ranks"]
-        sizes[name] = sum(r["sent_by_kind"][k]["bytes"] for r in ranks for k in ("activation", "gradient"))
+        summary = json.loads(open(tmp_path / name / "summary.json").read())
+        sizes[name] = sum(r["sent_by_kind"][k]["bytes"] for r in summary["ranks"] for k in ("activation", "gradient"))
+        smashed[name] = summary["compress"]["smashed"]
     assert sizes["compressed"] <= 0.2 * sizes["plain"]
+    assert smashed["plain"]["ratio"] == 1 and smashed["compressed"]["ratio"] < 0.1
+    assert smashed["compressed"]["raw_bytes"] == smashed["plain"]["raw_bytes"]
+
+
+def test_compressed_links_both_ways_and_both_evaluations(pool4, tmp_path, tiny_dirs, token_jsonl):
+    """Label privacy puts all four smashed kinds on the wire; each goes through its direction's codec, the
+    gradients with error feedback. eval_loss is the exact link's; the codec's evaluation is reported beside it."""
+    out = tmp_path / "out"
+    raw = _cfg(out, tiny_dirs["llama"], token_jsonl, devices=[1, 2, 3], rounds=2, local_steps=1, label_privacy=True)
+    raw["compress"] = {"bits": 3, "grad_bits": 6, "hadamard": 16, "group": 8, "outliers": 0.01,
+                       "error_feedback": True, "lossless": "zlib"}
+    pool4.run(raw)
+    summary = json.loads(open(out / "summary.json").read())
+    comp = summary["compress"]
+    assert comp["bits"] == 3 and comp["hadamard"] == 16 and comp["eval"] == "exact"
+    assert comp["eval_links"] == ["exact", "codec"]
+    smashed = comp["smashed"]["by_message"]
+    assert sorted(smashed) == ["activation", "gradient", "top", "top_gradient"]
+    assert all(0 < m["coded_bytes"] < 0.5 * m["raw_bytes"] for m in smashed.values())
+    assert smashed["activation"]["coded_bytes"] < smashed["gradient"]["coded_bytes"]  # 3 bits up, 6 down
+    # the wire counted what travelled: each gradient blob, plus the message header and the skip flag
+    from ringada.comm import HEADER_BYTES
+
+    sent = summary["ranks"][0]["sent_by_kind"]["gradient"]
+    assert sent["messages"] == smashed["gradient"]["messages"] == 6
+    assert sent["bytes"] == smashed["gradient"]["coded_bytes"] + 6 * (HEADER_BYTES + 8)
+    exact, codec = summary["eval_after_exact"], summary["eval_after_codec"]
+    assert summary["eval_loss"] == exact["eval_loss"] and summary["eval_after"]["eval_link"] == "exact"
+    assert summary["eval_after"]["eval_loss_codec"] == codec["eval_loss"] != exact["eval_loss"]
+    assert summary["eval_before"]["eval_link"] == "exact" and "eval_loss_codec" in summary["eval_before"]
+    assert math.isfinite(summary["final_loss"])
+
+
+def test_a_hadamard_block_that_does_not_tile_the_hidden_size_is_refused(tiny_dirs):
+    from ringada.config import ConfigError, load
+    from ringada.star import make_star_topology
+
+    cfg = load(None, ["run.steps=1", "pipeline.mode=sft", f"model.path={tiny_dirs['llama']}", "star.device_blocks=[1]",
+                      "compress.bits=4", "compress.hadamard=64"])
+    with pytest.raises(ConfigError, match="hadamard: got 64, which does not divide the model's hidden size 32"):
+        make_star_topology(cfg, 0, 3)
 
 
 def test_a_round_below_min_devices_leaves_the_global_adapter_unchanged(pool4, tmp_path, tiny_dirs, token_jsonl):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ringada.compress import Codec
-from ringada.star import (DOWN, UP, Link, Msg, ProtocolError, check_plan, eval_plan, format_plan, round_plan,
-                          start_plan, stop_plan)
+from ringada import compress as Z
+from ringada.compress import Codec, LinkCodecs, decode, encode
+from ringada.config import load
+from ringada.star import (DOWN, UP, Link, Msg, ProtocolError, StarTopology, check_plan, eval_links, eval_plan,
+                          format_plan, round_plan, smashed_summary, start_plan, stop_plan)
 
 
 @pytest.mark.parametrize("privacy", [False, True])
@@ -48,6 +50,8 @@ def test_check_plan_rejects_broken_exchanges(plan, error):
 class _Wire:
     """Records what would go on the wire; answers receives from a queue."""
 
+    device = torch.device("cpu")
+
     def __init__(self, answers=()):
         self.sent, self.answers = [], list(answers)
 
@@ -60,7 +64,7 @@ class _Wire:
 
 def test_a_link_follows_its_plan_and_refuses_anything_else():
     wire = _Wire(answers=[[torch.ones(2, 3), torch.zeros(2)]])
-    device = Link(rank=2, peer=0, wire=wire, codec=Codec(), seed=0, at_server=False)
+    device = Link(rank=2, peer=0, wire=wire, codecs=Codec(), seed=0, at_server=False)
     device.follow(round_plan(0, 1, 1, False))
     with pytest.raises(ProtocolError, match=r"the plan says vcommand@0, not \^activation@0"):
         device.send("activation", 0, [torch.ones(1)])
@@ -74,9 +78,73 @@ def test_a_link_follows_its_plan_and_refuses_anything_else():
 
 def test_smashed_messages_go_through_the_codec_and_the_rest_does_not():
     wire = _Wire()
-    server = Link(rank=0, peer=1, wire=wire, codec=Codec(bits=8, lossless="zlib"), seed=0, at_server=True)
+    server = Link(rank=0, peer=1, wire=wire, codecs=Codec(bits=8, lossless="zlib"), seed=0, at_server=True)
     server.follow([Msg("top", 7), Msg("global", 0)])
     server.send("top", 7, [torch.randn(2, 4, 8)])
     server.send("global", 0, [torch.randn(3)])
     assert wire.sent[0][4][0].dtype == torch.uint8 and wire.sent[1][4][0].dtype == torch.float32
     assert Msg("top", 7).direction == DOWN
+
+
+CODECS = LinkCodecs(activation=Codec(bits=8, scale="group", group=4, rounding="nearest"),
+                    gradient=Codec(topk=0.5, bits=2, scale="token"), error_feedback=True)
+
+
+def test_each_direction_has_its_own_codec_and_gradients_their_error_feedback():
+    wire = _Wire()
+    server = Link(rank=0, peer=1, wire=wire, codecs=CODECS, seed=3, at_server=True)
+    server.follow([Msg("top", 4), Msg("gradient", 4), Msg("gradient", 5)])
+    top, grads = torch.randn(2, 3, 8), [torch.randn(2, 3, 8), torch.randn(2, 3, 8)]
+    server.send("top", 4, [top])
+    server.send("gradient", 4, [grads[0], torch.zeros(1)])
+    sent_top, sent_grad = wire.sent[0][4][0], wire.sent[1][4][0]
+    assert Z.read_header(sent_top).codec == CODECS.activation  # the top hidden state is an activation
+    assert Z.read_header(sent_grad).codec == CODECS.gradient
+    assert "top" not in server.feedback.residuals  # error feedback is for gradients only
+    torch.testing.assert_close(server.feedback.residuals["gradient"], grads[0] - decode(sent_grad))
+    residual = server.feedback.residuals["gradient"].clone()
+    server.send("gradient", 5, [grads[1], torch.zeros(1)])
+    assert not torch.equal(decode(wire.sent[2][4][0]), decode(encode(grads[1], CODECS.gradient)))
+    torch.testing.assert_close(server.feedback.residuals["gradient"],
+                               grads[1] + residual - decode(wire.sent[2][4][0]))
+    # the bytes of the smashed tensors, before and as they travelled
+    assert server.smashed["gradient"] == [2, 2 * 48 * 4, wire.sent[1][4][0].numel() + wire.sent[2][4][0].numel()]
+    summary = smashed_summary([server])
+    assert summary["raw_bytes"] == 3 * 48 * 4 and summary["ratio"] == summary["coded_bytes"] / (3 * 48 * 4)
+    assert summary["by_message"]["top"] == {"messages": 1, "raw_bytes": 48 * 4, "coded_bytes": sent_top.numel()}
+
+
+def test_evaluations_travel_exactly_unless_asked_and_non_finite_tensors_bypass_the_codec():
+    wire = _Wire()
+    device = Link(rank=1, peer=0, wire=wire, codecs=CODECS, seed=0, at_server=False)
+    device.follow([Msg("activation", -1), Msg("activation", -1), Msg("activation", 2)])
+    x = torch.randn(2, 8)
+    device.send("activation", -1, [x, torch.zeros(2)])
+    device.eval_codec = True
+    device.send("activation", -1, [x, torch.zeros(2)])
+    device.send("activation", 2, [torch.tensor([[1.0, float("nan")]]), torch.zeros(2)])
+    assert torch.equal(wire.sent[0][4][0], x) and wire.sent[1][4][0].dtype == torch.uint8
+    assert wire.sent[2][4][0].dtype == torch.float32  # the server must see the NaN to skip the step
+    assert device.smashed == {"activation": [1, 8, 8]}  # training steps only
+
+
+def test_a_received_blob_decodes_to_the_link_dtype_and_is_counted():
+    x = torch.randn(2, 3, 8)
+    blob = encode(x, CODECS.activation)
+    server = Link(rank=0, peer=1, wire=_Wire(answers=[[blob, torch.zeros(2)]]), codecs=CODECS, seed=0,
+                  at_server=True, dtype=torch.bfloat16)
+    server.follow([Msg("activation", 0)])
+    got = server.recv("activation", 0)[0]
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    assert server.smashed["activation"] == [1, 48 * 2, blob.numel()]
+
+
+@pytest.mark.parametrize("settings, links", [
+    ([], ["exact"]),
+    (["compress.lossless=zlib"], ["exact"]),  # lossless: one pass tells it all
+    (["compress.bits=4"], ["exact", "codec"]),
+    (["compress.topk=0.5", "compress.eval=codec"], ["codec", "exact"]),
+])
+def test_an_evaluation_goes_through_the_exact_link_and_through_a_lossy_codec(settings, links):
+    cfg = load(None, ["run.steps=1", "pipeline.mode=sft", *settings])
+    assert eval_links(cfg, StarTopology(rank=0, world_size=3, num_blocks=4, depths=[1, 1])) == links
