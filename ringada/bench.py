@@ -24,6 +24,19 @@ RING_SYSTEMS = ["ring-earlystop", "ring-noearlystop", "ring-full", "line", "tdp-
                 "single"]
 STAR_SYSTEMS = ["sfl", "sft", "sft-compressed", "sfl-copy-per-device"]
 EMULATED_SYSTEMS = ["ring-earlystop", "ring-full", "line"]  # what `--profile` runs (ringada's own pipeline)
+# The compression sweep: sft (the star suite's devices) with each codec setting of the compress section.
+COMPRESS_SETTINGS = {
+    "uncompressed": {},
+    "int8": {"compress.bits": 8, "compress.grad_bits": 8, "compress.scale": "group", "compress.group": 64,
+             "compress.rounding": "nearest"},
+    "int4": {"compress.bits": 4, "compress.grad_bits": 4, "compress.scale": "group", "compress.group": 64,
+             "compress.rounding": "nearest"},
+    "int3-hadamard": {"compress.bits": 3, "compress.grad_bits": 3, "compress.scale": "token",
+                      "compress.hadamard": 64, "compress.rounding": "nearest", "compress.lossless": "lzma"},
+    "topk": {"compress.topk": 0.1, "compress.bits": 4, "compress.scale": "tensor", "compress.lossless": "zlib"},
+}
+COMPRESS_SYSTEMS = [f"sft-{name}" for name in COMPRESS_SETTINGS]
+SMASHED_KINDS = ("activation", "gradient", "top_hidden", "top_gradient")
 
 
 def _free_port() -> int:
@@ -55,14 +68,18 @@ def base_settings(smoke: bool, data_dir: Path, steps: int = 4) -> dict:
             "adapter.r": 8}
 
 
+def is_star(system: str) -> bool:
+    return system in STAR_SYSTEMS or system in COMPRESS_SYSTEMS
+
+
 def trains_all(system: str) -> bool:
     """Whether the system trains every block (else the top 25%, as ring-earlystop)."""
-    return system in ("ring-full", "tdp-1f1b-full") or system in STAR_SYSTEMS
+    return system in ("ring-full", "tdp-1f1b-full") or is_star(system)
 
 
 def reference_of(system: str) -> str | None:
     """The tdp 1F1B run with the same trainable set, which the system's tokens/s is set against."""
-    if system in STAR_SYSTEMS:
+    if is_star(system):
         return None
     return "tdp-1f1b-full" if trains_all(system) else "tdp-1f1b"
 
@@ -86,7 +103,7 @@ def system_settings(system: str, num_blocks: int, world: int) -> tuple[str, dict
         return "ringada.baselines.tdp", {"pipeline.mode": "line"}, world
     if system.startswith("tdp-"):
         return "ringada.baselines.tdp", {"pipeline.mode": "line", **earlystop}, world
-    if system in STAR_SYSTEMS:
+    if is_star(system):
         # a server and `world` devices of increasing depth (about 1/15 .. 4/15 of the model each)
         depths = [max(1, round(num_blocks * (i + 1) / 15)) for i in range(world)]
         star = {"pipeline.mode": "sft" if system.startswith("sft") else "sfl", "star.device_blocks": depths,
@@ -95,6 +112,8 @@ def system_settings(system: str, num_blocks: int, world: int) -> tuple[str, dict
             star.update({"compress.topk": 0.1, "compress.bits": 4, "compress.lossless": "zlib"})
         if system == "sfl-copy-per-device":
             star["star.server_copies"] = True
+        if system in COMPRESS_SYSTEMS:
+            star.update(COMPRESS_SETTINGS[system.removeprefix("sft-")])
         return "ringada", star, world + 1
     raise ValueError(f"unknown system {system!r}")
 
@@ -163,6 +182,16 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
         star = {"server_held_bytes": summary["server"]["held_bytes"],
                 "server_copy_per_device_bytes": summary["server"]["copy_per_device_bytes"],
                 "makespan_vs_fifo": sum(chosen) / sum(fifo) if chosen and sum(fifo) else None}
+    if is_star(system):
+        # what the outside checks read: the smashed data every rank put on the wire, and both evaluations
+        star["smashed_bytes"] = sum(r["sent_by_kind"].get(k, {}).get("bytes", 0) for r in ranks
+                                    for k in SMASHED_KINDS)
+        for how in ("exact", "codec"):
+            record = summary.get(f"eval_after_{how}")
+            star[f"eval_loss_{how}"] = record["eval_loss"] if record else None
+        if star["eval_loss_exact"] is None:  # no lossy codec: one evaluation, exact
+            star["eval_loss_exact"] = star["eval_loss_codec"] = summary.get("eval_loss")
+        star["compress"] = {k.removeprefix("compress."): v for k, v in sets.items() if k.startswith("compress.")}
     steps = summary["steps"]
     cpu = [r.get("train_cpu_s") for r in ranks]
     return {"system": system, "trainable": "all" if trains_all(system) else "top 25%", **star,
@@ -224,7 +253,8 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
         settings[f"{section}.{key}"] = value
     settings["run.device"] = device
     num_blocks = num_blocks_of(settings["model.path"])
-    suite_systems = {"ring": RING_SYSTEMS, "star": STAR_SYSTEMS, "all": RING_SYSTEMS + STAR_SYSTEMS}[suite]
+    suite_systems = {"ring": RING_SYSTEMS, "star": STAR_SYSTEMS, "all": RING_SYSTEMS + STAR_SYSTEMS,
+                     "compress": COMPRESS_SYSTEMS}[suite]
     if profile:
         suite_systems = EMULATED_SYSTEMS
     unknown = [s for s in systems or [] if s not in suite_systems]
@@ -267,10 +297,70 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
              "profile": profile, "device": device, "machine": machine(device), "results": results,
              "not_run": [{"system": s, "reason": why} for s, why in skipped.items()],
              "simulator_mean_abs_error": sum(errors) / len(errors) if errors else None}
+    if suite == "compress":
+        compression_sweep(bench)
     (out / "bench.json").write_text(json.dumps(bench, indent=2))
-    (out / "bench.md").write_text(markdown_table(bench))
+    (out / "bench.md").write_text(markdown_table(bench) + ("\n" + sweep_table(bench) if suite == "compress" else ""))
     plot(bench, out)
+    if suite == "compress":
+        plot_sweep(bench, out)
     return bench
+
+
+def compression_sweep(bench: dict) -> None:
+    """Set each compressed run against the uncompressed one: smashed bytes saved, held-out loss change (exact
+    and through the codec), and whether it is on the Pareto front of bytes against loss."""
+    results = {r["system"]: r for r in bench["results"]}
+    base = results.get("sft-uncompressed")
+    for r in results.values():
+        if base:
+            r["smashed_saving"] = 1 - r["smashed_bytes"] / base["smashed_bytes"]
+            for how in ("exact", "codec"):
+                mine, ref = r.get(f"eval_loss_{how}"), base.get(f"eval_loss_{how}")
+                r[f"eval_loss_{how}_change"] = mine / ref - 1 if mine is not None and ref else None
+        r["pareto"] = not any(o is not r and o["smashed_bytes"] <= r["smashed_bytes"]
+                              and o["eval_loss_exact"] <= r["eval_loss_exact"]
+                              and (o["smashed_bytes"], o["eval_loss_exact"]) != (r["smashed_bytes"],
+                                                                                 r["eval_loss_exact"])
+                              for o in results.values())
+
+
+def sweep_table(bench: dict) -> str:
+    lines = ["| setting | smashed MB | saved | eval loss (exact) | change | eval loss (codec) | change | "
+             "Pareto |", "|---|---|---|---|---|---|---|---|"]
+    for r in bench["results"]:
+        lines.append(f"| {r['system'].removeprefix('sft-')} | {r['smashed_bytes'] / 1e6:.2f} | "
+                     f"{_num(r.get('smashed_saving'), '.1%')} | {_num(r['eval_loss_exact'], '.4f')} | "
+                     f"{_num(r.get('eval_loss_exact_change'), '+.2%')} | {_num(r['eval_loss_codec'], '.4f')} | "
+                     f"{_num(r.get('eval_loss_codec_change'), '+.2%')} | {'yes' if r.get('pareto') else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(bench: dict, out: Path) -> None:
+    """Smashed bytes against held-out loss (exact and through the codec), one point per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    rs = sorted(bench["results"], key=lambda r: r["smashed_bytes"])
+    for how, marker in (("exact", "o"), ("codec", "x")):
+        ax.scatter([r["smashed_bytes"] / 1e6 for r in rs], [r[f"eval_loss_{how}"] for r in rs], marker=marker,
+                   label=f"eval loss ({how})")
+    front = [r for r in rs if r.get("pareto")]
+    ax.plot([r["smashed_bytes"] / 1e6 for r in front], [r["eval_loss_exact"] for r in front], "--", color="grey",
+            label="Pareto front (exact)")
+    for r in rs:
+        ax.annotate(r["system"].removeprefix("sft-"), (r["smashed_bytes"] / 1e6, r["eval_loss_exact"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("smashed data on the wire (MB, log)")
+    ax.set_ylabel("held-out loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "compression_pareto.png", dpi=110)
+    plt.close(fig)
 
 
 def machine(device: str) -> dict:
@@ -307,7 +397,7 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
     torch.set_num_threads(cfg.run.threads or 1)
     shared = cores if cores and procs > cores else None
     try:
-        if system in STAR_SYSTEMS:
+        if is_star(system):
             from .profiles import DeviceSpec, Profile
             from .star import make_star_topology
 

@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "ring: ring-earlystop, ring-noearlystop, ring-full, line, tdp-gpipe, tdp-1f1b, "
                            "tdp-1f1b-full, single. star: sfl, sft, sft-compressed, sfl-copy-per-device (with server "
                            "memory and makespan over FIFO).")
-    bench.add_argument("--suite", choices=("ring", "star", "all", "generate"), default="ring",
-                       help="ring, star, all (both), or generate: decoding in one process against the ring")
+    bench.add_argument("--suite", choices=("ring", "star", "all", "compress", "generate"), default="ring",
+                       help="ring, star, all (both); compress: sft with each codec setting (smashed bytes against "
+                       "held-out loss, a Pareto plot); generate: decoding in one process against the ring")
     bench.add_argument("--out", required=True, help="output directory")
     bench.add_argument("--smoke", action="store_true", help="tiny random model and data (seconds, for CI)")
     bench.add_argument("--repeats", type=int, default=1, help="rounds over all systems (median is reported)")

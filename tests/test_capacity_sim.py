@@ -195,3 +195,28 @@ def test_bench_systems_share_settings_and_differ_only_where_named():
     assert "| x | 2.00 | 1.00 | 2.00 | - | 3.25 | - |" in table and "(2 shared cores)" in table
     with pytest.raises(ValueError, match="--repeats: got 0; expected >= 1"):
         run_bench("ring", Path("unused"), True, 0, 4)
+
+
+def test_compression_sweep_savings_changes_and_pareto_front():
+    from ringada.bench import COMPRESS_SYSTEMS, compression_sweep, resolved_settings, sweep_table
+
+    sets = {s: resolved_settings(s, {"run.steps": 4, "data.batch_size": 8}, 30, 4)[1] for s in COMPRESS_SYSTEMS}
+    assert sets["sft-uncompressed"]["pipeline.mode"] == "sft" and sets["sft-uncompressed"]["star.device_blocks"] == \
+        [2, 4, 6, 8]
+    assert not any(k.startswith("compress.") for k in sets["sft-uncompressed"])
+    # every setting runs the same star, only the compress section differs
+    for s in COMPRESS_SYSTEMS:
+        assert {k: v for k, v in sets[s].items() if not k.startswith("compress.")} == sets["sft-uncompressed"]
+
+    def row(name, nbytes, exact, codec):
+        return {"system": f"sft-{name}", "smashed_bytes": nbytes, "eval_loss_exact": exact, "eval_loss_codec": codec}
+
+    bench = {"results": [row("uncompressed", 100.0, 4.0, 4.0), row("int8", 30.0, 4.0, 4.01),
+                         row("int4", 15.0, 4.02, 4.1), row("topk", 20.0, 7.4, 7.5)]}
+    compression_sweep(bench)
+    r = {x["system"]: x for x in bench["results"]}
+    assert r["sft-int4"]["smashed_saving"] == pytest.approx(0.85)
+    assert r["sft-int4"]["eval_loss_exact_change"] == pytest.approx(0.005)
+    assert r["sft-int8"]["eval_loss_codec_change"] == pytest.approx(0.0025)
+    assert [x["pareto"] for x in bench["results"]] == [False, True, True, False]  # topk: more bytes, worse loss
+    assert "| int4 | 0.00 | 85.0% | 4.0200 | +0.50% | 4.1000 | +2.50% | yes |" in sweep_table(bench)
