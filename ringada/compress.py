@@ -991,6 +991,34 @@ class ErrorFeedback:
         self.residuals.clear()
 
 
+class SmashedCodec:
+    """One end of a link that carries smashed tensors (star links, and ring links with pipeline.compress): what it
+    sends goes through the codec of the tensor's direction, what it receives is decoded when it is a blob.
+
+    A tensor travels as itself when its codec is the identity and when it is not finite (the codec cannot quantize
+    it, and the receiver must see it to skip the step). The stochastic rounding of each blob draws from a
+    generator seeded with ``hash((seed, *salt))`` (ints hash alike in every process), so a run is reproducible.
+    Gradients of a named ``stream`` get :class:`ErrorFeedback` when the codecs ask for it."""
+
+    def __init__(self, codecs: LinkCodecs, seed: int):
+        self.codecs, self.seed = codecs, seed
+        self.feedback = ErrorFeedback() if codecs.error_feedback else None
+
+    def pack(self, x: torch.Tensor, gradient: bool, salt: tuple, stream=None) -> torch.Tensor:
+        codec = self.codecs.gradient if gradient else self.codecs.activation
+        if codec.is_identity or not bool(torch.isfinite(x).all()):
+            return x
+        generator = torch.Generator().manual_seed(hash((self.seed, *salt)) % 2**63)
+        if gradient and stream is not None and self.feedback is not None:
+            return self.feedback.encode(stream, x, codec, generator)
+        return encode(x.detach(), codec, generator)
+
+    @staticmethod
+    def unpack(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A received smashed tensor: a blob decoded (on the CPU) and cast to ``dtype`` on ``device``, else ``t``."""
+        return decode(t).to(device, dtype) if t.dtype == torch.uint8 else t
+
+
 @dataclass(frozen=True)
 class LinkCodecs:
     """The codecs of a split link: one for activations (the cut's hidden state, and the server's top hidden

@@ -11,6 +11,7 @@ all_reduce of a float64 tensor, so the head's loss reaches rank 0 in line mode a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from . import schedule as sched
 from .adapters import add_adapters, check_target_modules
 from .comm import (ACT, ADAPTERS, CHECKPOINT, GRAD, KIND_NAMES, LABELS, Counters, PeerError, Placement, Wire,
                    collective, decode_names, encode_names, pack_state, unpack_state)
+from .compress import SmashedCodec, link_codecs
 from .config import Config, ConfigError
 from .data import Batch
 from .models import load_model, num_blocks_of, read_config, resolve_model_dir
@@ -89,6 +91,8 @@ def make_topology(cfg: Config, rank: int, world_size: int, partition: list[int] 
                           f">= 2 ranks (torchrun --nproc-per-node 4 -m ringada train ...), or use mode single")
     num_blocks = num_blocks_of(cfg.model.path)
     config_mod.check_against_model(cfg, num_blocks, world_size)
+    if cfg.pipeline.compress and cfg.compress.hadamard:
+        config_mod.check_compress_against_model(cfg, read_config(cfg.model.path).hidden_size)
     part = cfg.pipeline.partition
     if partition is None:
         if mode == "single":
@@ -165,6 +169,10 @@ class PipelineRuntime:
                          log_messages=cfg.run.message_log, link_delay=link_delay) if topo.world_size > 1 else None
         self.timers = RankTimers()
         self._plans: dict[tuple, sched.Plan] = {}
+        # pipeline.compress: ACT and GRAD payloads through the compress section's codecs (error feedback, when on,
+        # per (peer, micro-batch) stream); evaluations only with compress.eval=codec
+        self.smash = SmashedCodec(link_codecs(cfg.compress), cfg.run.seed) if cfg.pipeline.compress else None
+        self.eval_codec = cfg.compress.eval == "codec"
 
     # -- plans
     def plan(self, micro_batches: int, frontier: int, train: bool) -> sched.Plan:
@@ -214,7 +222,7 @@ class PipelineRuntime:
             try:
                 if a.kind == sched.RECV_F:
                     tensors = wire.recv(a.peer, ACT, step, a.mb)
-                    hidden = tensors[0]
+                    hidden = self._unpack(tensors[0])
                     if train and backward[a.stage - 1]:
                         hidden.requires_grad_(True)  # its gradient goes back down
                     inputs[key] = hidden
@@ -232,11 +240,12 @@ class PipelineRuntime:
                         self.timers.fwd_s += time.perf_counter() - t0
                 elif a.kind == sched.SEND_F:
                     out, mask = outputs[key]
-                    wire.send(a.peer, ACT, step, a.mb, [out] if mask is None else [out, mask])
+                    sent = self._pack(out, ACT, a.peer, step, a.mb, train)
+                    wire.send(a.peer, ACT, step, a.mb, [sent] if mask is None else [sent, mask])
                     if not (train and backward[a.stage]):
                         del outputs[key]  # no graph kept below the frontier
                 elif a.kind == sched.RECV_B:
-                    grads[key] = wire.recv(a.peer, GRAD, step, a.mb)[0]
+                    grads[key] = self._unpack(wire.recv(a.peer, GRAD, step, a.mb)[0])
                 elif a.kind == sched.B:
                     t0 = time.perf_counter()
                     if key in losses:
@@ -247,7 +256,8 @@ class PipelineRuntime:
                     self._emulate(t0)
                     self.timers.bwd_s += time.perf_counter() - t0
                 elif a.kind == sched.SEND_B:
-                    wire.send(a.peer, GRAD, step, a.mb, [inputs.pop(key).grad])
+                    wire.send(a.peer, GRAD, step, a.mb,
+                              [self._pack(inputs.pop(key).grad, GRAD, a.peer, step, a.mb, train)])
             except PeerError as e:  # already names rank, peer and step: add the plan's action
                 e.args = (f"{e} [plan action {a}: stage {a.stage} mb {a.mb}]",)
                 raise
@@ -258,6 +268,16 @@ class PipelineRuntime:
         if self.topo.holds_head:
             stats.count = total
         return stats
+
+    def _pack(self, x: torch.Tensor, kind: int, peer: int, step: int, mb: int, train: bool) -> torch.Tensor:
+        """What travels for hidden state or gradient ``x`` (pipeline.compress; else ``x`` itself)."""
+        if self.smash is None or not (train or self.eval_codec):
+            return x
+        return self.smash.pack(x, kind == GRAD, (self.topo.rank, peer, kind, step, mb),
+                               stream=(peer, mb) if train else None)
+
+    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.smash is None else SmashedCodec.unpack(t, self.device, base_dtype(self.cfg))
 
     def _emulate(self, started: float) -> None:
         """pipeline.emulate: stretch the compute that began at ``started`` to this rank's profile speed."""
@@ -634,7 +654,8 @@ class PipelineTrainer(Trainer):
                          "%.0f MiB", r["rank"], r["blocks"], r["fwd_s"], r["bwd_s"], r["wait_s"], r["step_s"],
                          r["bytes_sent"], r["bytes_recv"], r["peak_rss_bytes"] / 2**20)
         return {"num_blocks": rt.num_blocks, "partition": self.topo.partition, "schedule": cfg.pipeline.schedule,
-                "micro_batches": cfg.data.micro_batches, "ranks": ranks}
+                "micro_batches": cfg.data.micro_batches, "ranks": ranks,
+                **({"compress": dataclasses.asdict(cfg.compress)} if cfg.pipeline.compress else {})}
 
 
 def evaluate_adapter(cfg: Config, adapter_dir: str | Path) -> dict:

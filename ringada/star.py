@@ -45,7 +45,7 @@ from . import checkpoint
 from .adapters import add_adapters, add_lora_sets, check_target_modules, lora_config, save_adapters
 from .comm import (ACT, ADAPTERS, CHECKPOINT, CONTROL, GRAD, LABELS, STATS, TOP, TOP_GRAD, Counters, PeerError,
                    Placement, ProtocolError, Wire, link_group, pack_state, unpack_state)
-from .compress import Codec, ErrorFeedback, LinkCodecs, decode, encode, link_codecs
+from .compress import Codec, LinkCodecs, SmashedCodec, link_codecs
 from .config import Config, ConfigError, check_against_model, check_compress_against_model
 from .data import Batch, Dataset
 from .driver import Trainer, UnitResult
@@ -177,9 +177,10 @@ class Link:
         gradients (run.dtype), which a decoded blob is cast back to."""
         if isinstance(codecs, Codec):
             codecs = LinkCodecs(activation=codecs, gradient=codecs)
-        self.rank, self.peer, self.wire, self.codecs, self.seed, self.dtype = rank, peer, wire, codecs, seed, dtype
-        # this end's own gradient streams (the server's downlink, a device's top gradient), kept across rounds
-        self.feedback = ErrorFeedback() if codecs.error_feedback else None
+        self.rank, self.peer, self.wire, self.codecs, self.dtype = rank, peer, wire, codecs, dtype
+        # error feedback, when on, keeps this end's gradient streams (the server's downlink to this device, a
+        # device's top gradient) across rounds
+        self.smash = SmashedCodec(codecs, seed)
         self.eval_codec = False
         self.smashed: dict[str, list[int]] = {}
         self.outgoing = DOWN if at_server else UP
@@ -207,23 +208,16 @@ class Link:
         tensors = self.wire.recv(self.peer, kind, step, mb)
         if name in SMASHED:
             travelled = tensors[0]
-            if travelled.dtype == torch.uint8:  # a compressed blob (decoded as fp32 on the CPU)
-                tensors[0] = decode(travelled).to(self.wire.device, self.dtype)
+            tensors[0] = self.smash.unpack(travelled, self.wire.device, self.dtype)
             self._count(name, step, tensors[0], travelled)
         return tensors
 
     def _encode(self, name: str, kind: int, step: int, x: torch.Tensor) -> torch.Tensor:
-        """What travels for smashed tensor ``x``: a blob of its direction's codec, or ``x`` itself when that codec
-        is the identity, in an exact evaluation, and when ``x`` is not finite (the codec cannot quantize it, and
-        the receiver must see it to skip the step)."""
-        codec = self.codecs.gradient if name in GRADIENTS else self.codecs.activation
+        """What travels for smashed tensor ``x``: see :class:`SmashedCodec`; an exact evaluation sends ``x``."""
         out = x
-        if not codec.is_identity and (step >= 0 or self.eval_codec) and bool(torch.isfinite(x).all()):
-            gen = torch.Generator().manual_seed(hash((self.seed, self.rank, self.peer, kind, step)) % 2**63)
-            if self.feedback is not None and name in GRADIENTS and step >= 0:
-                out = self.feedback.encode(name, x, codec, gen)
-            else:
-                out = encode(x.detach(), codec, gen)
+        if step >= 0 or self.eval_codec:
+            out = self.smash.pack(x, name in GRADIENTS, (self.rank, self.peer, kind, step),
+                                  stream=name if step >= 0 else None)
         self._count(name, step, x, out)
         return out
 

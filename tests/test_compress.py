@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ringada import compress as Z
-from ringada.compress import (Codec, ErrorFeedback, compressed_size, decode, dequantize, encode, link_codecs,
-                              stochastic_quantize, topk_sparsify)
+from ringada.compress import (Codec, ErrorFeedback, LinkCodecs, SmashedCodec, compressed_size, decode, dequantize,
+                              encode, link_codecs, stochastic_quantize, topk_sparsify)
 
 
 def seeded(seed=0):
@@ -597,6 +597,27 @@ def test_link_codecs_give_each_direction_its_settings():
     assert link_codecs(CompressConfig()).is_identity and not link_codecs(CompressConfig()).is_lossy
     assert link_codecs(CompressConfig(topk=0.2), topk=1 - 1e-12).is_identity  # an allocation's "keep all"
     assert link_codecs(CompressConfig(grad_bits=4, error_feedback=True)).error_feedback
+
+
+def test_a_smashed_codec_packs_each_direction_and_leaves_what_it_cannot_quantize():
+    codecs = LinkCodecs(activation=Codec(bits=8, scale="token"), gradient=Codec(bits=2, scale="group", group=4),
+                        error_feedback=True)
+    end = SmashedCodec(codecs, seed=7)
+    x = torch.randn(2, 3, 8, generator=seeded(95))
+    act = end.pack(x, gradient=False, salt=(0, 1, 1, 5))
+    assert Z.read_header(act).codec == codecs.activation
+    g = torch.Generator().manual_seed(hash((7, 0, 1, 1, 5)) % 2**63)
+    assert torch.equal(act, encode(x, codecs.activation, g))  # seeded by (seed, *salt): reproducible anywhere
+    grad = end.pack(x, gradient=True, salt=(0, 1, 2, 5), stream="gradient")
+    assert Z.read_header(grad).codec == codecs.gradient and "gradient" in end.feedback.residuals
+    end.pack(x, gradient=True, salt=(0, 1, 2, -1))  # no stream (an evaluation): no error feedback
+    assert list(end.feedback.residuals) == ["gradient"]
+    nan = torch.tensor([1.0, math.nan])
+    assert end.pack(nan, gradient=False, salt=(0,)) is nan
+    assert SmashedCodec(LinkCodecs(), seed=0).pack(x, gradient=True, salt=(0,)) is x  # identity codecs
+    back = SmashedCodec.unpack(act, torch.device("cpu"), torch.bfloat16)
+    assert back.dtype == torch.bfloat16 and back.shape == x.shape
+    assert SmashedCodec.unpack(x, torch.device("cpu"), torch.bfloat16) is x  # sent as it was
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -100,12 +100,12 @@ def test_each_direction_has_its_own_codec_and_gradients_their_error_feedback():
     sent_top, sent_grad = wire.sent[0][4][0], wire.sent[1][4][0]
     assert Z.read_header(sent_top).codec == CODECS.activation  # the top hidden state is an activation
     assert Z.read_header(sent_grad).codec == CODECS.gradient
-    assert "top" not in server.feedback.residuals  # error feedback is for gradients only
-    torch.testing.assert_close(server.feedback.residuals["gradient"], grads[0] - decode(sent_grad))
-    residual = server.feedback.residuals["gradient"].clone()
+    assert "top" not in server.smash.feedback.residuals  # error feedback is for gradients only
+    torch.testing.assert_close(server.smash.feedback.residuals["gradient"], grads[0] - decode(sent_grad))
+    residual = server.smash.feedback.residuals["gradient"].clone()
     server.send("gradient", 5, [grads[1], torch.zeros(1)])
     assert not torch.equal(decode(wire.sent[2][4][0]), decode(encode(grads[1], CODECS.gradient)))
-    torch.testing.assert_close(server.feedback.residuals["gradient"],
+    torch.testing.assert_close(server.smash.feedback.residuals["gradient"],
                                grads[1] + residual - decode(wire.sent[2][4][0]))
     # the bytes of the smashed tensors, before and as they travelled
     assert server.smashed["gradient"] == [2, 2 * 48 * 4, wire.sent[1][4][0].numel() + wire.sent[2][4][0].numel()]
