@@ -24,6 +24,13 @@ from the views of the devices that finished, so a lost device's half-done round 
 server set's steps taken with its data before it was lost stay in the survivors' views, as a mobility
 dropout's do). The server checkpoints each committed round (global adapter, every optimizer state, selection
 statistics, RNG), so a restart of the whole star continues from the last round, with every device back.
+
+Compression (the compress section; ringada/compress.py). Smashed tensors travel through the codec of their
+direction: activations and the top hidden state with compress.bits and rounding, their gradients with
+compress.grad_bits, always rounded stochastically, with error feedback per device link when asked for (kept in
+memory only: a restart starts it from zero). Evaluations travel exactly unless compress.eval is codec; with a
+lossy codec each evaluation runs twice, once per link, and the summary reports both (eval_after_exact,
+eval_after_codec) and, under compress.smashed, the bytes of training's smashed tensors before and after the codec.
 """
 
 from __future__ import annotations
@@ -526,7 +533,7 @@ class DeviceTrainer(Trainer):
         with torch.set_grad_enabled(train):
             logits = self.cut.head(top, batch.attention_mask)
             total = loss_sum(logits, batch.labels)
-        stats = [float(total), batch.count(), correct_count(logits.detach(), batch.labels)]
+        stats = [float(total.detach()), batch.count(), correct_count(logits.detach(), batch.labels)]
         if train:
             (total / batch.count()).backward()
             return top.grad, stats
