@@ -213,7 +213,12 @@ class StarConfig:
     profile: str | None = None
     """Device/link profile YAML (configs/profiles/): compute speed and memory budget per device, bandwidths."""
     error_budget: float = 1.0
-    """star.allocate: budget on the sum over devices of the dropped activation fraction (1 - keep ratio)."""
+    """star.allocate with top-k only (compress.bits 0): budget on the sum over devices of the dropped activation
+    fraction (1 - keep ratio)."""
+    loss_budget: float = 0.01
+    """star.allocate with a quantizing codec (compress.bits > 0): the largest relative increase of held-out loss
+    a device's codec may cause, as measured at start-up (ringada/calibrate.py; 0.01 = 1%), which also bounds
+    the devices' average. The allocation picks each device's bits among compress.bits and wider settings."""
 
 
 @dataclass(kw_only=True)
@@ -442,7 +447,7 @@ UNUSED_BY_MODE: dict[str, tuple[str, ...]] = {
     "single": ("star.*", "compress.*", "pipeline.partition", "pipeline.emulate", "pipeline.compress"),
     "ring": ("star.*",),  # compress.* acts with pipeline.compress (validate() refuses it without)
     "line": ("star.*",),
-    "sfl": (*_PIPELINE_KEYS, "star.allocate", "star.error_budget"),  # allocation plans sft rounds only
+    "sfl": (*_PIPELINE_KEYS, "star.allocate", "star.error_budget", "star.loss_budget"),  # sft rounds only
     "sft": (*_PIPELINE_KEYS, "star.schedule", "star.server_copies"),  # sft serves all devices as one batch
 }
 
@@ -564,6 +569,8 @@ def validate(cfg: Config) -> None:
     _require(star.dwell_mean >= 0, f"star.dwell_mean: got {star.dwell_mean}; expected >= 0")
     _require(star.ucb_c >= 0, f"star.ucb_c: got {star.ucb_c}; expected >= 0")
     _require(star.error_budget >= 0, f"star.error_budget: got {star.error_budget}; expected >= 0")
+    _require(star.loss_budget >= 0, f"star.loss_budget: got {star.loss_budget}; expected a relative loss increase "
+                                    ">= 0, e.g. 0.01")
     if star.allocate:
         _require(pipe.mode == "sft", f"star.allocate: got true with pipeline.mode={pipe.mode!r}; allocation plans "
                                      "the parallel sft round (use mode sft)")

@@ -50,14 +50,15 @@ import torch
 
 from . import checkpoint
 from .adapters import add_adapters, add_lora_sets, check_target_modules, lora_config, save_adapters
-from .comm import (ACT, ADAPTERS, CHECKPOINT, CONTROL, GRAD, LABELS, STATS, TOP, TOP_GRAD, Counters, PeerError,
+from .comm import (ACT, ADAPTERS, CHECKPOINT, CONTROL, EVAL_ACT, EVAL_TOP, GRAD, LABELS, STATS, TOP, TOP_GRAD, Counters, PeerError,
                    Placement, ProtocolError, Wire, link_group, pack_state, unpack_state)
 from .compress import Codec, LinkCodecs, SmashedCodec, link_codecs
 from .config import Config, ConfigError, check_against_model, check_compress_against_model
 from .data import Batch, Dataset
 from .driver import Trainer, UnitResult
 from .federated.aggregate import aggregate
-from .federated.allocation import Allocation, AllocationProblem, DeviceProfile, allocate
+from .federated.allocation import (Allocation, AllocationProblem, DeviceProfile, allocate, max_depths,
+                                  snap_to_settings)
 from .federated.scheduling import makespan, server_order
 from .federated.selection import DeviceStats, Mobility, Selector, steps_before_leaving
 from .federated.shards import shard_rows
@@ -202,7 +203,10 @@ class Link:
         got = Msg(name, step)
         if want != got or MESSAGES[name][0] != direction:
             raise ProtocolError(f"rank {self.rank}, link to rank {self.peer}: the plan says {want}, not {got}")
-        return MESSAGES[name][1:]
+        kind, mb = MESSAGES[name][1:]
+        if step < 0:  # an evaluation's hidden states: byte counters keep them apart from training's smashed data
+            kind = {ACT: EVAL_ACT, TOP: EVAL_TOP}.get(kind, kind)
+        return kind, mb
 
     def send(self, name: str, step: int, tensors: list[torch.Tensor]) -> None:
         kind, mb = self._next(name, step, self.outgoing)
@@ -240,6 +244,10 @@ class Link:
 
 
 def _link_codecs(cfg: Config, topo: StarTopology) -> dict[int, LinkCodecs]:
+    if topo.bits is not None:  # a calibrated allocation chose each device's activation bits
+        grad_bits = cfg.compress.grad_bits if cfg.compress.grad_bits is not None else cfg.compress.bits
+        return {u: link_codecs(dataclasses.replace(cfg.compress, bits=topo.bits[u - 1], grad_bits=grad_bits))
+                for u in topo.devices}
     keep = topo.keep_ratios or [cfg.compress.topk] * len(topo.devices)
     return {u: link_codecs(cfg.compress, keep[u - 1]) for u in topo.devices}
 
@@ -275,6 +283,7 @@ class StarTopology:
     num_blocks: int
     depths: list[int]  # per device rank 1..U
     keep_ratios: list[float] | None = None  # per device, from star.allocate
+    bits: list[int] | None = None  # per device, from star.allocate with a quantizing codec (0: float32)
     allocation: dict | None = None
 
     server = 0  # the server's rank; devices are the ranks after it
@@ -301,16 +310,29 @@ def make_star_topology(cfg: Config, rank: int, world_size: int) -> StarTopology:
         check_compress_against_model(cfg, read_config(cfg.model.path).hidden_size)
     if cfg.star.allocate:
         # Every rank solves the same deterministic problem, so all agree on depths without a message.
-        result = plan_allocation(cfg, world_size - 1)
-        topo.depths, topo.keep_ratios = list(result.depths), list(result.keep_ratios)
+        result, settings = plan_allocation(cfg, world_size - 1)
+        topo.depths = list(result.depths)
         topo.allocation = {"depths": list(result.depths), "keep_ratios": list(result.keep_ratios),
                            "uplink_share_bytes_per_s": list(result.bandwidth),
                            "predicted_round_delay_s": result.round_delay}
+        if settings is None:
+            topo.keep_ratios = list(result.keep_ratios)
+        else:
+            topo.bits = [bits for bits, _ in settings]
+            topo.allocation.update({"bits": topo.bits, "measured_loss_increase": [e for _, e in settings],
+                                    "loss_budget": cfg.star.loss_budget})
     return topo
 
 
-def plan_allocation(cfg: Config, devices: int) -> Allocation:
-    """The sft allocation problem from the profile and the model's real sizes.
+def plan_allocation(cfg: Config, devices: int) -> tuple[Allocation, list[tuple[int, float]] | None]:
+    """The sft allocation problem from the profile and the model's real sizes, solved; with a quantizing codec
+    also each device's (bits, measured loss increase).
+
+    Error. With top-k only, the dropped activation fraction against star.error_budget. With compress.bits > 0,
+    measured (ringada/calibrate.py): each device's curve of (bytes ratio, relative loss increase) over the bits
+    it may use, the worst over the cuts its memory allows, cut at star.loss_budget; their equally weighted sum
+    is held to the same budget (Note: calibrated error in federated/allocation.py), and each keep ratio is
+    rounded up to a real setting.
 
     Compute: a frozen block costs ~4 flops per parameter and token (forward, and backward to its input only);
     device and server times are that over their profile GFLOP/s. Memory per block on a device: its fp32
@@ -334,10 +356,32 @@ def plan_allocation(cfg: Config, devices: int) -> Allocation:
         num_blocks=sizes["num_blocks"], block_memory=block_memory, uplink=profile.uplink_mbps * 1e6 / 8,
         downlink=profile.downlink_mbps * 1e6 / 8, server_block_time=flops / (profile.server_gflops * 1e9),
         error_budget=cfg.star.error_budget)
-    result = allocate(problem)
-    log.info("allocation: depths %s keep ratios %s predicted round delay %.2f s", list(result.depths),
-             [round(r, 3) for r in result.keep_ratios], result.round_delay)
-    return result
+    if cfg.compress.bits == 0:
+        result = allocate(problem)
+        log.info("allocation: depths %s keep ratios %s predicted round delay %.2f s", list(result.depths),
+                 [round(r, 3) for r in result.keep_ratios], result.round_delay)
+        return result, None
+    from . import calibrate
+
+    try:
+        dmax = max_depths(problem)
+    except ValueError as e:
+        raise ConfigError(f"star.profile: {e}") from None
+    calibration = calibrate.measure(cfg, calibrate.cuts_to_measure(max(dmax)), calibrate.codec_menu(cfg))
+    curves = [calibrate.device_curve(calibration, d, cfg.star.loss_budget) for d in dmax]
+    weight = 1.0 / devices
+    problem = dataclasses.replace(problem, error_budget=cfg.star.loss_budget, devices=tuple(
+        dataclasses.replace(dev, err_weight=weight, err_curve=tuple((r, weight * e) for _, r, e in curve))
+        for dev, curve in zip(problem.devices, curves)))
+    result = snap_to_settings(problem, allocate(problem))
+    settings = []
+    for rho, curve in zip(result.keep_ratios, curves):
+        # the setting the snapped ratio names (1.0: float32, what every curve implies)
+        match = min(curve, key=lambda c: abs(c[1] - rho), default=None)
+        settings.append((match[0], match[2]) if match and abs(match[1] - rho) < 1e-9 else (0, 0.0))
+    log.info("allocation: depths %s bits %s (measured loss increase %s) predicted round delay %.2f s",
+             list(result.depths), [b for b, _ in settings], [f"{e:+.2%}" for _, e in settings], result.round_delay)
+    return result, settings
 
 
 # ------------------------------------------------------------------------------------------------ start-up

@@ -331,3 +331,81 @@ def test_malformed_problems_are_rejected(kwargs, message):
         AllocationProblem(**{**base, **kwargs})
     with pytest.raises(ValueError, match=r"act_bytes=-1 must be a finite number >= 0"):
         DeviceProfile(block_time=0.1, memory_budget=1.0, base_memory=0.0, act_bytes=-1)
+
+
+# ------------------------------------------------------------------------------------- calibrated error curves
+
+# measured (bytes ratio, relative loss increase) of codec settings: int8, int4 + Hadamard, int3 + Hadamard,
+# int2, and a dominated one (more bytes and more error than int4 + Hadamard)
+CURVE = ((0.26, 0.0001), (0.09, 0.009), (0.07, 0.04), (0.035, 0.15), (0.13, 0.05))
+
+
+def _curved(block_time, curve=CURVE, act_mb=2.0, blocks_that_fit=99):
+    return DeviceProfile(block_time=block_time, memory_budget=1000.0 + 100.0 * blocks_that_fit, base_memory=1000.0,
+                         act_bytes=act_mb * MB, err_curve=curve)
+
+
+def _curve_error(curve, rho):
+    """The hull's value at rho by brute force: the best mix of two measured settings around it."""
+    pts = list(curve) + [(1.0, 0.0)]
+    best = math.inf
+    for (r0, e0), (r1, e1) in itertools.product(pts, repeat=2):
+        if r0 <= rho <= r1 and r1 > r0:
+            best = min(best, e0 + (e1 - e0) * (rho - r0) / (r1 - r0))
+        elif r0 == r1 == rho or (r0 <= rho and e0 == 0):
+            best = min(best, e0)
+    return best
+
+
+def test_convex_error_curve_keeps_the_lower_hull_and_drops_dominated_settings():
+    from ringada.federated.allocation import convex_error_curve
+
+    vertices = convex_error_curve(CURVE)
+    assert vertices[-1] == (1.0, 0.0) and (0.13, 0.05) not in vertices
+    xs, ys = zip(*vertices)
+    assert list(xs) == sorted(xs) and all(a > b for a, b in zip(ys, ys[1:]) if b > 0)
+    slopes = [(y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in zip(vertices, vertices[1:])]
+    assert all(s0 <= s1 + 1e-12 for s0, s1 in zip(slopes, slopes[1:]))  # convex
+    for rho in np.linspace(0.035, 1.0, 40):  # every vertex segment is the best mix of measured settings
+        al, be = zip(*[(y0 - s * x0, s) for (x0, y0), s in zip(vertices, slopes)])
+        assert max(a + b * rho for a, b in zip(al, be)) == pytest.approx(_curve_error(CURVE, rho), abs=1e-12)
+    with pytest.raises(ValueError, match="bytes ratio"):
+        DeviceProfile(block_time=1, memory_budget=1, base_memory=0, act_bytes=1, err_curve=((0.0, 0.1),))
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.005, 0.02, 0.2, 1.0])
+def test_allocation_with_measured_curves_meets_the_loss_budget_and_beats_a_grid(budget):
+    from ringada.federated.allocation import _Links, snap_to_settings
+
+    devices = [_curved(0.05, act_mb=2.0), _curved(0.08, act_mb=3.0), _curved(0.03, act_mb=1.0, blocks_that_fit=2)]
+    p = _problem(devices, L=5, uplink=2 * MB, error_budget=budget)
+    alloc = allocate(p)
+    links = _Links.of(p)
+    err = links.error(np.array(alloc.keep_ratios))
+    assert float(np.sum(err)) <= budget + 1e-9
+    assert all(0.05 - 1e-12 <= r <= 1 for r in alloc.keep_ratios)  # measured range, and rho_min
+    # no keep ratios on a grid, at the same depths, do better (up to the solver's accuracy)
+    c = np.array(alloc.depths, dtype=float) * links.t
+    grid = np.linspace(0.05, 1.0, 13)
+    best = min((_device_phase_of(c, np.array(rho), links) for rho in itertools.product(grid, repeat=3)
+                if float(np.sum(links.error(np.array(rho)))) <= budget + 1e-12), default=math.inf)
+    assert _device_phase_of(c, np.array(alloc.keep_ratios), links) <= best * (1 + 1e-6)
+    # rounded to settings the devices really have: no more error than planned, never faster
+    snapped = snap_to_settings(p, alloc)
+    vertices = {0.035, 0.07, 0.09, 0.26, 1.0}
+    assert all(r in vertices and r >= k - 1e-9 for r, k in zip(snapped.keep_ratios, alloc.keep_ratios))
+    assert float(np.sum(links.error(np.array(snapped.keep_ratios)))) <= budget + 1e-9
+    assert snapped.round_delay >= alloc.round_delay * (1 - 1e-9)
+
+
+def test_calibrated_budget_trades_bytes_for_loss():
+    devices = [_curved(0.05), _curved(0.08, act_mb=3.0)]
+    ratios = [sum(allocate(_problem(devices, L=5, uplink=1 * MB, error_budget=b)).keep_ratios)
+              for b in (0.0, 0.01, 0.05, 0.3)]
+    assert ratios[0] == 2.0 and all(a >= b - 1e-9 for a, b in zip(ratios, ratios[1:])) and ratios[-1] < 0.2
+
+
+def _device_phase_of(c, rho, links):
+    from ringada.federated.allocation import _device_phase
+
+    return _device_phase(c, rho, links)[0]

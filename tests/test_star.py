@@ -96,11 +96,13 @@ def test_compression_cuts_smashed_bytes(pool4, tmp_path, tiny_dirs, token_jsonl)
         raw = _cfg(tmp_path / name, tiny_dirs["llama"], token_jsonl, mode="sft", devices=[2, 2, 2], rounds=1)
         raw["compress"] = comp
         raw["data"]["seq_len"] = 64  # larger activations, so headers do not dominate
-        raw["data"]["eval"] = None  # evaluations travel exactly: only training messages are counted here
         pool4.run(raw)
         summary = json.loads(open(tmp_path / name / "summary.json").read())
         sizes[name] = sum(r["sent_by_kind"][k]["bytes"] for r in summary["ranks"] for k in ("activation", "gradient"))
         smashed[name] = summary["compress"]["smashed"]
+        # evaluations (exact, and through the codec when lossy) are counted under their own kind
+        evals = sum(r["sent_by_kind"]["eval_activation"]["messages"] for r in summary["ranks"])
+        assert evals == 2 * 2 * (2 if comp else 1)  # before + after, 2 batches, one pass per eval link
     assert sizes["compressed"] <= 0.2 * sizes["plain"]
     assert smashed["plain"]["ratio"] == 1 and smashed["compressed"]["ratio"] < 0.1
     assert smashed["compressed"]["raw_bytes"] == smashed["plain"]["raw_bytes"]
@@ -202,3 +204,49 @@ def test_sft_views_take_blocks_below_a_devices_cut_from_the_device():
     torch.testing.assert_close(out["m.layers.2.A"], torch.full((2,), (12 + 3 * 2) / 4))
     torch.testing.assert_close(out["m.layers.3.A"], torch.full((2,), 13.0))  # server side for both
     torch.testing.assert_close(out["m.layers.0.A"], torch.full((2,), 0.0))
+
+
+def test_sft_allocation_with_a_quantizing_codec_picks_measured_bits_within_the_loss_budget(
+        pool4, tmp_path, tiny_dirs, token_jsonl, monkeypatch):
+    """compress.bits > 0: the allocation measures each menu setting's loss increase at the devices' cuts and
+    gives every device bits whose measured increase stays within star.loss_budget; the run uses them."""
+    from ringada import calibrate
+    from ringada.config import load
+    from ringada.star import _link_codecs, make_star_topology
+
+    monkeypatch.setenv("RINGADA_CACHE", str(tmp_path / "cache"))
+    profile = tmp_path / "slow-links.yaml"  # links slow enough that compressing pays
+    profile.write_text("server: {gflops: 50}\ndevices:\n" + "".join(
+        f"  - {{gflops: {g}, memory_mb: 1}}\n" for g in (1, 2, 4)) + "links: {uplink_mbps: 0.1, downlink_mbps: 10}\n")
+    raw = _cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, mode="sft", devices=[1], rounds=1,
+               allocate=True, profile=str(profile), loss_budget=0.02)
+    raw["data"]["seq_len"] = 32
+    raw["compress"] = {"bits": 3, "scale": "token", "hadamard": 16, "rounding": "nearest", "lossless": "zlib"}
+    path = tmp_path / "cfg.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    topo = make_star_topology(load(str(path)), 0, 4)
+    plan = topo.allocation
+    assert all(b in (0, *calibrate.codec_menu(load(str(path)))) for b in topo.bits)
+    assert all(e <= 0.02 for e in plan["measured_loss_increase"])
+    assert any(b > 0 for b in topo.bits)  # slow links: some device compresses
+    # the measurement is cached: a second plan reads it and agrees
+    assert make_star_topology(load(str(path)), 0, 4).bits == topo.bits
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.json"))) == 1
+    codecs = _link_codecs(load(str(path)), topo)
+    assert [codecs[u].activation.bits for u in topo.devices] == topo.bits
+    assert all(codecs[u].gradient.bits == 3 for u in topo.devices)  # gradients keep compress.bits
+    pool4.run({**raw, "run": {**raw["run"], "out_dir": str(tmp_path / "out")}})
+    summary = json.loads(open(tmp_path / "out" / "summary.json").read())
+    assert summary["allocation"]["bits"] == topo.bits and summary["device_blocks"] == topo.depths
+
+
+def test_calibration_curves_keep_the_worst_cut_and_the_budget():
+    from ringada.calibrate import cuts_to_measure, device_curve
+
+    assert cuts_to_measure(1) == [1] and cuts_to_measure(6) == [1, 2, 4, 6] and cuts_to_measure(8) == [1, 2, 4, 8]
+    cal = {"cuts": [1, 2, 4], "bits": [3, 4, 8], "ratio": [[0.07, 0.09, 0.26], [0.08, 0.1, 0.26], [0.09, 0.1, 0.26]],
+           "loss_increase": [[0.03, 0.004, -0.001], [0.05, 0.008, 0.0], [0.2, 0.02, 0.001]]}
+    assert device_curve(cal, 2, 0.01) == [(4, 0.1, 0.008), (8, 0.26, 0.0)]  # cuts 1 and 2; 3 bits too lossy
+    assert device_curve(cal, 4, 1.0) == [(3, 0.09, 0.2), (4, 0.1, 0.02), (8, 0.26, 0.001)]

@@ -36,6 +36,14 @@ fraction of the energy: the linear model is conservative. Being linear, it tends
 on few devices; a heavily compressed device then has time to spare for compute, so at a binding budget a
 slower device can end up with more blocks than a faster one with identical memory and bytes.
 
+Note (calibrated error). A device whose codec comes in discrete settings (bits per value, say) gives measured
+(bytes ratio, error) points instead, e.g. the relative increase of the held-out loss when its cut activations
+travel through each setting. Its error is then the lower convex hull of those points and (1, 0), restricted to
+where it decreases: a convex piecewise-linear e_u(rho) = max_k (alpha_k + beta_k rho) on [r_min, 1]. The
+continuous part stays a convex program (one epigraph variable per device, a linear constraint per piece), and
+:func:`snap_to_settings` rounds each keep ratio up to the next hull vertex, i.e. to a real setting: more
+bytes, so no more error than planned (the hull is decreasing), at a slightly longer delay, which it recomputes.
+
 Method. For fixed depths the continuous part (rho, b, T) is solved with SLSQP on the epigraph form, started
 from the best of a few feasible heuristics; the result is then polished: its keep ratios are made exactly
 feasible and the bandwidth is replaced by the optimal split for them, which has a closed form up to one
@@ -58,8 +66,10 @@ __all__ = [
     "AllocationProblem",
     "DeviceProfile",
     "allocate",
+    "convex_error_curve",
     "max_depths",
     "round_delay",
+    "snap_to_settings",
 ]
 
 
@@ -77,10 +87,21 @@ class DeviceProfile:
     base_memory: float
     act_bytes: float
     err_weight: float = 1.0
+    err_curve: tuple[tuple[float, float], ...] = ()
+    """Measured (bytes ratio, error) points of the device's codec settings, e.g. (0.09, 0.008) for one that
+    sends 9% of the bytes and raises the held-out loss by 0.8%; (1, 0) is implied. When given, the device's
+    error is this curve (Note: calibrated error) instead of ``err_weight * (1 - rho)``, and its keep ratio stays
+    within the measured range."""
 
     def __post_init__(self) -> None:
         for name in ("block_time", "memory_budget", "base_memory", "act_bytes", "err_weight"):
             _finite_nonneg(name, getattr(self, name))
+        points = tuple((float(r), float(e)) for r, e in self.err_curve)
+        for r, e in points:
+            if not (0 < r <= 1 and math.isfinite(e) and e >= 0):
+                raise ValueError(f"err_curve point ({r!r}, {e!r}) must have a bytes ratio in (0, 1] and an error "
+                                 ">= 0")
+        object.__setattr__(self, "err_curve", points)
 
 
 @dataclass(frozen=True)
@@ -230,18 +251,86 @@ class _Links:
     B: float
     E: float
     rho_min: float
+    lo: np.ndarray = None  # per device, the least keep ratio (rho_min, or a curve's least measured ratio)
+    pieces: tuple = ()  # per device (alpha, beta) arrays of a calibrated curve; empty: every device is linear
 
     @classmethod
     def of(cls, problem: AllocationProblem) -> _Links:
         devs = problem.devices
+        rho_min = float(problem.rho_min)
+        curved = any(d.err_curve for d in devs)
+        pieces, lo = [], []
+        for d in devs:
+            if d.err_curve:
+                vertices = convex_error_curve(d.err_curve)
+                pieces.append(_pieces(vertices))
+                lo.append(max(rho_min, vertices[0][0]))
+            else:
+                pieces.append((np.array([d.err_weight]), np.array([-d.err_weight])))
+                lo.append(rho_min)
         return cls(
             t=np.array([d.block_time for d in devs]),
             a=np.array([d.act_bytes for d in devs]),
-            w=np.array([d.err_weight for d in devs]),
+            w=np.array([d.err_weight if not d.err_curve else max(0.0, float(np.max(p[0] + p[1] * lo_u)))
+                        for d, p, lo_u in zip(devs, pieces, lo)]),
             B=float(problem.uplink),
             E=float(problem.error_budget),
-            rho_min=float(problem.rho_min),
+            rho_min=rho_min,
+            lo=np.array(lo),
+            pieces=tuple(pieces) if curved else (),
         )
+
+    def error(self, rho: np.ndarray) -> np.ndarray:
+        """Per-device error of keep ratios ``rho``."""
+        if not self.pieces:
+            return self.w * (1.0 - rho)
+        return np.array([max(0.0, float(np.max(al + be * r))) for (al, be), r in zip(self.pieces, rho)])
+
+
+def convex_error_curve(points) -> list[tuple[float, float]]:
+    """The vertices, by increasing bytes ratio and ending at (1, 0), of the lower convex hull of ``points`` and
+    (1, 0) where it decreases (a point with more bytes and more error than another is never worth sending)."""
+    pts = sorted(set((float(r), float(e)) for r, e in points) | {(1.0, 0.0)})
+    hull: list[tuple[float, float]] = []
+    for p in pts:  # Andrew's monotone chain, lower half
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    first = 0
+    while first < len(hull) - 1 and hull[first + 1][1] >= hull[first][1]:
+        first += 1  # more bytes for no less error: never worth choosing
+    return hull[first:]
+
+
+def _pieces(vertices) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha, beta) of the segments of a convex decreasing curve: e(rho) = max_k alpha_k + beta_k rho."""
+    if len(vertices) == 1:
+        return np.array([0.0]), np.array([0.0])
+    al, be = [], []
+    for (r0, e0), (r1, e1) in zip(vertices, vertices[1:]):
+        slope = (e1 - e0) / (r1 - r0)
+        al.append(e0 - slope * r0)
+        be.append(slope)
+    return np.array(al), np.array(be)
+
+
+def snap_to_settings(problem: AllocationProblem, allocation: Allocation) -> Allocation:
+    """Each calibrated device's keep ratio rounded up to the next vertex of its curve (a setting it really has),
+    the others unchanged, with the uplink split and the delay recomputed for them."""
+    rho = list(allocation.keep_ratios)
+    for u, dev in enumerate(problem.devices):
+        if dev.err_curve:
+            vertices = [r for r, _ in convex_error_curve(dev.err_curve)]
+            rho[u] = next((r for r in vertices if r >= rho[u] - 1e-9), 1.0)
+    links = _Links.of(problem)
+    c = np.asarray(allocation.depths, dtype=float) * links.t
+    _, b = _device_phase(c, np.array(rho), links)
+    return Allocation(depths=allocation.depths, keep_ratios=tuple(rho), bandwidth=tuple(float(x) for x in b),
+                      round_delay=round_delay(problem, allocation.depths, rho, b))
 
 
 def _split_bandwidth(c: np.ndarray, k: np.ndarray, B: float) -> tuple[float, np.ndarray]:
@@ -293,6 +382,8 @@ def _repair(rho: np.ndarray, free: np.ndarray, links: _Links) -> np.ndarray:
 
 def _solve_continuous(c: np.ndarray, links: _Links) -> tuple[float, np.ndarray, np.ndarray]:
     """Min over (rho, b) of the device phase for fixed compute times c: (delay, keep ratios, bandwidth)."""
+    if links.pieces:
+        return _solve_curves(c, links)
     n = len(c)
     send = links.a > 0
     # Devices that send nothing keep everything (compressing them would spend error budget for nothing);
@@ -407,6 +498,114 @@ def _slsqp(c, rho0, T0, free, send, links: _Links) -> np.ndarray | None:
     return rho
 
 
+def _shrink(rho: np.ndarray, free: np.ndarray, links: _Links) -> np.ndarray:
+    """Scale the drops (1 - rho) of free devices by the largest factor in [0, 1] that meets the error budget
+    (the error is convex and increasing in that factor, so bisection finds it)."""
+    def err(theta: float) -> float:
+        r = rho.copy()
+        r[free] = 1.0 - theta * (1.0 - rho[free])
+        return float(np.sum(links.error(r)[free]))
+
+    if err(1.0) <= links.E:
+        return rho
+    lo, hi = 0.0, 1.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if err(mid) <= links.E else (lo, mid)
+    out = rho.copy()
+    out[free] = 1.0 - lo * (1.0 - rho[free])
+    return out
+
+
+def _solve_curves(c: np.ndarray, links: _Links) -> tuple[float, np.ndarray, np.ndarray]:
+    """:func:`_solve_continuous` with calibrated error curves (Note: calibrated error): SLSQP on the epigraph
+    form, started from the budget spent with every device's drop scaled alike."""
+    n = len(c)
+    send = links.a > 0
+    at_least = links.error(links.lo)
+    rho = np.ones(n)
+    rho[send & (at_least <= 0)] = links.lo[send & (at_least <= 0)]  # compressing it costs nothing
+    free = send & (at_least > 0)
+    if not np.any(free) or links.E <= 0 or float(np.sum(at_least[free])) <= links.E:
+        if np.any(free) and links.E > 0:
+            rho[free] = links.lo[free]
+        T, b = _device_phase(c, rho, links)
+        return T, rho, b
+    start = rho.copy()
+    start[free] = links.lo[free]
+    start = _shrink(start, free, links)
+    best_T, _ = _device_phase(c, start, links)
+    best_rho = start
+    solved = _slsqp_curves(c, start, best_T, free, send, links)
+    if solved is not None:
+        solved = _shrink(np.clip(solved, links.lo, 1.0), free, links)
+        T, _ = _device_phase(c, solved, links)
+        if T < best_T:
+            best_T, best_rho = T, solved
+    T, b = _device_phase(c, best_rho, links)
+    return T, best_rho, b
+
+
+def _slsqp_curves(c, rho0, T0, free, send, links: _Links) -> np.ndarray | None:
+    """Like :func:`_slsqp`, with an epigraph variable s_f >= alpha_k + beta_k rho_f (every piece k) per free
+    device and sum s_f <= E in place of the linear error budget."""
+    fi, si = np.flatnonzero(free), np.flatnonzero(send)
+    nf, ns = len(fi), len(si)
+    if T0 <= 0 or not math.isfinite(T0):
+        return None
+    cs = c[si] / T0
+    kappa = links.a[si] / (links.B * T0)
+    row_of_free = np.searchsorted(si, fi)
+    rho_send0 = rho0[si]
+    rows = np.arange(ns)
+    err_scale = max(links.E, 1e-12)
+    size = nf + ns + 1 + nf  # rho_f, beta_s, tau, s_f (scaled by err_scale)
+
+    def fin_cons(x):
+        rho_s = rho_send0.copy()
+        rho_s[row_of_free] = x[:nf]
+        return (x[nf + ns] - cs) * x[nf:nf + ns] - kappa * rho_s
+
+    def fin_jac(x):
+        jac = np.zeros((ns, size))
+        jac[row_of_free, np.arange(nf)] = -kappa[row_of_free]
+        jac[rows, nf + rows] = x[nf + ns] - cs
+        jac[:, nf + ns] = x[nf:nf + ns]
+        return jac
+
+    # pieces: s_f * err_scale - alpha - beta * rho_f >= 0, as one linear block A x + b >= 0
+    A, b = [], []
+    for j, u in enumerate(fi):
+        alpha, beta = links.pieces[u]
+        for al, be in zip(alpha, beta):
+            row = np.zeros(size)
+            row[j], row[nf + ns + 1 + j] = -be / err_scale, 1.0
+            A.append(row)
+            b.append(-al / err_scale)
+    A, b = np.array(A), np.array(b)
+    lin_bw = np.concatenate([np.zeros(nf), -np.ones(ns), [0.0], np.zeros(nf)])
+    lin_err = np.concatenate([np.zeros(nf + ns + 1), -np.ones(nf)])
+    constraints = [
+        {"type": "ineq", "fun": fin_cons, "jac": fin_jac},
+        {"type": "ineq", "fun": lambda x: 1.0 + lin_bw @ x, "jac": lambda x: lin_bw[None, :]},
+        {"type": "ineq", "fun": lambda x: links.E / err_scale + lin_err @ x, "jac": lambda x: lin_err[None, :]},
+        {"type": "ineq", "fun": lambda x: A @ x + b, "jac": lambda x: A},
+    ]
+    _, b0 = _device_phase(c, rho0, links)
+    x0 = np.concatenate([rho0[fi], b0[si] / links.B, [1.0], links.error(rho0)[fi] / err_scale])
+    bounds = ([(float(links.lo[u]), 1.0) for u in fi] + [(0.0, 1.0)] * ns + [(float(np.max(c)) / T0, 1.0)]
+              + [(0.0, None)] * nf)
+    objective = np.zeros(size)
+    objective[nf + ns] = 1.0
+    res = minimize(lambda x: x[nf + ns], x0, jac=lambda x: objective, method="SLSQP", bounds=bounds,
+                   constraints=constraints, options={"maxiter": 300, "ftol": 1e-12})
+    if not np.all(np.isfinite(res.x)):
+        return None
+    rho = rho0.copy()
+    rho[fi] = res.x[:nf]
+    return rho
+
+
 # ----------------------------------------------------------------------------------------------- depths
 
 
@@ -465,6 +664,21 @@ def _min_total_bytes(links: _Links) -> float:
     n = len(links.a)
     if not np.any(links.a > 0):
         return 0.0
+    if links.pieces:  # variables rho (n) and s (n): min a.rho, s_u >= alpha + beta rho_u, sum s <= E
+        A, b = [], []
+        for u, (alpha, beta) in enumerate(links.pieces):
+            for al, be in zip(alpha, beta):
+                row = np.zeros(2 * n)
+                row[u], row[n + u] = be, -1.0
+                A.append(row)
+                b.append(-al)
+        A.append(np.concatenate([np.zeros(n), np.ones(n)]))
+        b.append(links.E)
+        res = linprog(np.concatenate([links.a, np.zeros(n)]), A_ub=np.array(A), b_ub=np.array(b),
+                      bounds=[(float(x), 1.0) for x in links.lo] + [(0.0, None)] * n, method="highs")
+        if res.status != 0:
+            return float(np.sum(links.a * links.lo))
+        return max(0.0, float(res.fun) * (1 - 1e-9))
     res = linprog(
         links.a,
         A_ub=-links.w[None, :],
@@ -483,7 +697,7 @@ def _enumerate(problem, dmax, links: _Links, device_phase) -> tuple[int, ...]:
     send = links.a > 0
     # Valid for every keep ratio: each device alone needs c_u + a_u rho_min / B; and since every gap
     # T - c_u is at most T - min_send c, the whole uplink needs T >= min_send c + (least total bytes) / B.
-    alone = np.max(c + links.a * links.rho_min / links.B, axis=1)
+    alone = np.max(c + links.a * links.lo / links.B, axis=1)
     shared = (np.min(c[:, send], axis=1) if np.any(send) else np.zeros(len(c))) + _min_total_bytes(links) / links.B
     rest = problem.server_block_time * np.sum(problem.num_blocks - grid, axis=1) + _downlink_time(problem)
     bound = np.maximum(alone, shared) + rest
