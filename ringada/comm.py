@@ -44,9 +44,10 @@ HEADER_BYTES = HEADER_LEN * 8
 
 # Message kinds (named in the header and in the byte counters).
 ACT, GRAD, LABELS, ADAPTERS, TOP, TOP_GRAD, CONTROL, CHECKPOINT, STATS, END = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+EVAL_ACT, EVAL_TOP = 11, 12  # a star evaluation's hidden states, counted apart from training's smashed data
 KIND_NAMES = {ACT: "activation", GRAD: "gradient", LABELS: "labels", ADAPTERS: "adapters", TOP: "top_hidden",
               TOP_GRAD: "top_gradient", CONTROL: "control", CHECKPOINT: "checkpoint", STATS: "stats",
-              END: "end"}
+              END: "end", EVAL_ACT: "eval_activation", EVAL_TOP: "eval_top_hidden"}
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool,
            torch.float64]
