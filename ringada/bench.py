@@ -27,12 +27,19 @@ EMULATED_SYSTEMS = ["ring-earlystop", "ring-full", "line"]  # what `--profile` r
 # The compression sweep: sft (the star suite's devices) with each codec setting of the compress section.
 COMPRESS_SETTINGS = {
     "uncompressed": {},
-    "int8": {"compress.bits": 8, "compress.grad_bits": 8, "compress.scale": "group", "compress.group": 64,
-             "compress.rounding": "nearest"},
-    "int4": {"compress.bits": 4, "compress.grad_bits": 4, "compress.scale": "group", "compress.group": 64,
-             "compress.rounding": "nearest"},
-    "int3-hadamard": {"compress.bits": 3, "compress.grad_bits": 3, "compress.scale": "token",
-                      "compress.hadamard": 64, "compress.rounding": "nearest", "compress.lossless": "lzma"},
+    "int8": {"compress.bits": 8, "compress.scale": "group", "compress.rounding": "nearest",
+             "compress.lossless": "zlib"},
+    "int4": {"compress.bits": 4, "compress.scale": "group", "compress.rounding": "nearest",
+             "compress.lossless": "zlib"},
+    # per-token ranges after a 64-channel Hadamard rotation, entropy-coded (lzma)
+    "int4-hadamard": {"compress.bits": 4, "compress.scale": "token", "compress.hadamard": 64,
+                      "compress.rounding": "nearest", "compress.lossless": "lzma"},
+    "int4-hadamard-grad3": {"compress.bits": 4, "compress.grad_bits": 3, "compress.scale": "token",
+                            "compress.hadamard": 64, "compress.rounding": "nearest", "compress.error_feedback": True,
+                            "compress.lossless": "lzma"},
+    "int3-hadamard": {"compress.bits": 3, "compress.scale": "token", "compress.hadamard": 64,
+                      "compress.rounding": "nearest", "compress.error_feedback": True, "compress.lossless": "lzma"},
+    # the original SFT recipe: the largest 10% of the whole tensor, one [min, max] range, zlib
     "topk": {"compress.topk": 0.1, "compress.bits": 4, "compress.scale": "tensor", "compress.lossless": "zlib"},
 }
 COMPRESS_SYSTEMS = [f"sft-{name}" for name in COMPRESS_SETTINGS]
