@@ -42,6 +42,7 @@ from .comm import (ACT, ADAPTERS, END, Counters, PeerError, Placement, Wire, col
 from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY = 50  # rank 0 logs every this many passes of a wave
 
 
 # ------------------------------------------------------------------------------------------------------ the plan
@@ -355,6 +356,8 @@ class RingDecoder:
                         first_tokens += 1
                         if first_tokens == plan.micro_batches:
                             timing["prefill_done"] = time.perf_counter()
+                    if a.mb == plan.micro_batches - 1 and (a.pos + 1) % PROGRESS_EVERY == 0:
+                        log.info("pass %d/%d", a.pos + 1, plan.passes)
             except PeerError as e:  # already names rank, peer and pass: add the plan's action
                 e.args = (f"{e} [decode action {a}]",)
                 raise

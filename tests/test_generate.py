@@ -218,3 +218,54 @@ def test_generate_bench_systems_decode_every_prompt_once():
         assert opts["batch_size"] * world >= prompts > (opts["batch_size"] - 1) * world
     with pytest.raises(ValueError, match="unknown decoding system"):
         generate_settings("tdp-generate", 8, 4)
+
+
+def test_a_silent_rank_stops_decoding_with_an_error_naming_rank_peer_and_pass(tiny_dirs, tiny_adapters, tmp_path):
+    """Failure rules as in training: a rank that stops answering (SIGSTOP) is an error within run.timeout_s on
+    the ranks waiting for it, naming this rank, the peer, the pass and the plan action."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.ranks import REPO, free_port
+
+    model_dir = shutil.copytree(tiny_adapters["llama"][0], tmp_path / "model")
+    (model_dir / "generation_config.json").write_text(json.dumps({"pad_token_id": 0}))  # no EOS: decode on
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS[:3]))
+    args = ["generate", "--set", f"model.path={model_dir}", "--set", "adapter.r=4", "--set", "adapter.alpha=8",
+            "--set", "pipeline.mode=ring", "--set", "run.timeout_s=4", "--adapter", str(tiny_adapters["llama"][1]),
+            "--prompts", str(prompts), "--max-new-tokens", "200000"]
+    world, port = 3, free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    logs = [tmp_path / f"rank{r}.log" for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, "-m", "ringada", *args], cwd=REPO, stdout=open(logs[r], "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in range(world)]
+    try:
+        deadline = time.monotonic() + 120
+        while "pass 50/" not in logs[0].read_text():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-2000:]
+            time.sleep(0.05)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        for r in (0, 2):
+            procs[r].wait(timeout=60)
+        noticed = time.monotonic() - stopped
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    assert noticed < 3 * 4, noticed
+    for r in (0, 2):
+        text = logs[r].read_text()
+        assert procs[r].returncode == 1, text[-2000:]
+        assert f"ringada: error: rank {r}: receiving activation" in text and "[decode action r" in text
+    # rank 2 waits on rank 1 itself and times out; rank 0, waiting on rank 2, then finds it gone (or times out)
+    assert "with rank 1 at step" in logs[2].read_text() and "run.timeout_s=4 s" in logs[2].read_text()
+    assert "with rank 2 at step" in logs[0].read_text()
