@@ -34,7 +34,7 @@ from .data import Batch
 from .models import load_model, num_blocks_of, read_config, resolve_model_dir
 from .partition import block_ranges, check_memory, even_partition, head_cost_in_blocks, plan_capacity
 from .driver import Trainer, UnitResult
-from .train import (Unfreezer, clip_coefficient, correct_count, eval_record, input_tokens, load_run_data, loss_sum,
+from .train import (Unfreezer, clip_coefficient, eval_record, head_loss, input_tokens, load_run_data,
                     make_optimizer, peak_rss_bytes, run_blocks)
 
 log = logging.getLogger(__name__)
@@ -307,11 +307,11 @@ class PipelineRuntime:
             outputs[key] = (hidden, mask)
             return 0.0, 0
         with torch.set_grad_enabled(grad):
-            logits = cut.head(hidden, mask)
-            loss = loss_sum(logits, labels[mb]) / total
+            loss_total, correct = head_loss(cut, hidden, mask, labels[mb])
+            loss = loss_total / total
         if grad:
             losses[key] = loss
-        return loss.item(), correct_count(logits.detach(), labels[mb])
+        return loss.item(), correct
 
     # -- one global batch
     def train_step(self, step: int, frontier: int, batch: Batch | None, micro_batches: int) -> dict:

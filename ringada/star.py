@@ -65,7 +65,8 @@ from .federated.shards import shard_rows
 from .models import load_model, num_blocks_of, parameter_counts, read_config, resolve_model_dir
 from .profiles import load_profile
 from .runtime import base_dtype, decode_row, rank_row
-from .train import correct_count, eval_record, load_run_data, loss_sum, make_optimizer, peak_rss_bytes, run_blocks
+from .train import eval_record, load_run_data, make_optimizer, peak_rss_bytes, run_blocks
+from .train import head_loss as head_loss_sum
 
 log = logging.getLogger(__name__)
 
@@ -575,9 +576,8 @@ class DeviceTrainer(Trainer):
         """Label privacy: the device's own head and loss on the server's top hidden state."""
         top.requires_grad_(train)
         with torch.set_grad_enabled(train):
-            logits = self.cut.head(top, batch.attention_mask)
-            total = loss_sum(logits, batch.labels)
-        stats = [float(total.detach()), batch.count(), correct_count(logits.detach(), batch.labels)]
+            total, correct = head_loss_sum(self.cut, top, batch.attention_mask, batch.labels)
+        stats = [float(total.detach()), batch.count(), correct]
         if train:
             (total / batch.count()).backward()
             return top.grad, stats
@@ -805,7 +805,7 @@ class Server:
             weights = [c / total for c in counts] if self.sft else [1.0] * len(devices)
             losses = []
             for top, mask, lab, c in zip(tops, masks, labels, counts):
-                losses.append(loss_sum(self.cut_for(devices[0]).head(top, mask), lab))
+                losses.append(head_loss_sum(self.cut_for(devices[0]), top, mask, lab)[0])
             loss_value = float(sum(l.detach() for l in losses))
             for u, l, c in zip(devices, losses, counts):
                 self.device_loss[u] = float(l.detach()) / max(c, 1)
@@ -830,10 +830,10 @@ class Server:
             if self.privacy:
                 link.send("top", step, [top])
             else:
-                logits = self.cut_for(device).head(top, mask)
-                loss += float(loss_sum(logits, labels))
+                loss_total, hits = head_loss_sum(self.cut_for(device), top, mask, labels)
+                loss += float(loss_total)
                 count += Batch(labels, labels).count()
-                correct += correct_count(logits, labels)
+                correct += hits
         device_stats = link.recv("eval_stats", -1)[0].tolist()
         link.flush()
         return eval_record(loss + device_stats[0], count + int(device_stats[1]), correct + int(device_stats[2]),

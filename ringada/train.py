@@ -77,6 +77,73 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                        ignore_index=-100, reduction="sum")
 
 
+HEAD_CHUNK_TOKENS = 256  # a causal LM's head runs on this many tokens at a time (Note: chunked head)
+
+
+def head_loss(cut, hidden: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor,
+              chunk_tokens: int = HEAD_CHUNK_TOKENS) -> tuple[torch.Tensor, int]:
+    """(loss sum, correct predictions) of the head on ``hidden``: what ``loss_sum(cut.head(hidden, mask),
+    labels)`` gives, without ever holding a causal LM's full [B, T, vocab] logits (Note: chunked head).
+
+    Note (chunked head). A causal LM's logits are the largest tensor of a step (tokens x vocab, 49k for
+    SmolLM2): materialized for a whole batch, and kept for backward, they dominated the peak memory of the rank
+    holding the head (an sft server holds every device's batch at once). Only positions with a target run the
+    head, :data:`HEAD_CHUNK_TOKENS` at a time; when a gradient is needed, each chunk's gradient with respect to
+    its hidden states is taken right away (the loss is the end of the graph, so backward only scales it), and
+    the chunk's logits are dropped. The head's own weights are frozen in a causal LM (adapters live in the
+    blocks), so nothing else needs a gradient. Per token this is the same arithmetic; only the order of the
+    loss sum's additions differs.
+    """
+    if cut.family.task != "causal_lm" or hidden.dim() != 3:
+        logits = cut.head(hidden, mask)
+        return loss_sum(logits, labels), correct_count(logits.detach(), labels)
+    assert not any(p.requires_grad for n in cut.family.head_names()
+                   for p in cut.model.get_submodule(n).parameters()), "a trainable LM head needs the full logits"
+    targets = labels[:, 1:].reshape(-1)
+    rows = (targets != -100).nonzero().squeeze(1)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    y = targets.index_select(0, rows)
+    if h.shape[0] <= chunk_tokens:  # one chunk: plain autograd, the arithmetic of loss_sum to the last bit
+        logits = cut.head(h[None], None)[0]
+        return (nn.functional.cross_entropy(logits.float(), y, reduction="sum"),
+                int((logits.detach().argmax(-1) == y).sum()))
+    out = _ChunkedHeadLoss.apply(h, y, lambda x: cut.head(x[None], None)[0], chunk_tokens)
+    return out[0], int(out[1])
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Sum of cross-entropy of ``head(h)`` against ``y`` (and the argmax hits), chunk by chunk (Note: chunked
+    head); the gradient with respect to ``h`` is computed in forward when ``h`` requires one."""
+
+    @staticmethod
+    def forward(ctx, h, y, head, chunk):
+        need_grad = h.requires_grad
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        correct = 0
+        grads = []
+        for i in range(0, h.shape[0], chunk):
+            part, target = h[i:i + chunk].detach(), y[i:i + chunk]
+            with torch.enable_grad() if need_grad else torch.no_grad():
+                if need_grad:
+                    part.requires_grad_(True)
+                logits = head(part).float()
+                loss = nn.functional.cross_entropy(logits, target, reduction="sum")
+            if need_grad:
+                grads.append(torch.autograd.grad(loss, part)[0])
+            total += loss.detach()
+            correct += int((logits.detach().argmax(-1) == target).sum())
+        if need_grad:
+            ctx.save_for_backward(torch.cat(grads) if grads else torch.zeros_like(h))
+        hits = torch.tensor(correct)
+        ctx.mark_non_differentiable(hits)
+        return total, hits
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_correct):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_total, None, None, None
+
+
 def correct_count(logits: torch.Tensor, labels: torch.Tensor) -> int:
     if logits.dim() == 3:
         logits, labels = logits[:, :-1], labels[:, 1:]

@@ -137,3 +137,28 @@ def test_eval_command_reproduces_the_runs_eval_and_rejects_a_mismatched_adapter(
     assert "adapter.kind='lora' r=2" in err and "of another shape" in err and "config.yaml" in err
     assert main(["eval", "--config", str(out / "config.yaml"), "--adapter", str(tmp_path / "nowhere")]) == 2
     assert "adapter_model.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_chunked_head_loss_equals_the_full_logits(tiny_dirs, fam):
+    """head_loss never builds the whole [B, T, vocab] logits: chunk by chunk it gives loss_sum's value, the
+    same argmax hits and the same gradient with respect to the hidden states."""
+    from ringada.models import load_model
+    from ringada.train import correct_count, head_loss, loss_sum
+
+    cut = load_model(str(tiny_dirs[fam]), "causal_lm")
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 16, 32, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 128, (3, 16), generator=gen)
+    labels[0, :6] = -100
+    logits = cut.head(hidden, None)
+    want = loss_sum(logits, labels)
+    (want_grad,) = torch.autograd.grad(want / 7, hidden)
+    for chunk in (5, 16, 1000):  # several chunks (the gradient taken chunk by chunk), and one
+        got, hits = head_loss(cut, hidden, None, labels, chunk_tokens=chunk)
+        (grad,) = torch.autograd.grad(got / 7, hidden)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-9)
+        assert hits == correct_count(logits.detach(), labels)
+    with torch.no_grad():
+        assert head_loss(cut, hidden, None, labels, chunk_tokens=5)[0] == pytest.approx(float(want), rel=1e-6)
