@@ -13,7 +13,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -32,17 +32,13 @@ class Costs:
     head_fwd_s: float  # norm + head + loss
     head_bwd_s: float
     embed_s: float
-    act_bytes: int  # one micro-batch's hidden state (fp32)
-    block_param_bytes: int
-    embed_param_bytes: int
-    head_param_bytes: int  # excluding a matrix tied to the embedding
+    act_bytes: int  # one micro-batch's hidden state (fp32); memory is ringada/memory.py's
 
     def scaled(self, rows: int) -> Costs:
         """Costs for another micro-batch size (compute and bytes scale with rows)."""
         f = rows / self.rows
         return Costs(rows, self.seq_len, self.block_fwd_s * f, self.block_bwd_s * f, self.head_fwd_s * f,
-                     self.head_bwd_s * f, self.embed_s * f, int(self.act_bytes * f), self.block_param_bytes,
-                     self.embed_param_bytes, self.head_param_bytes)
+                     self.head_bwd_s * f, self.embed_s * f, int(self.act_bytes * f))
 
 
 def _key(cfg: Config, rows: int) -> str:
@@ -59,7 +55,8 @@ def block_costs(cfg: Config, rows: int, repeats: int = 3) -> Costs:
     # of them derive the same partition from the same costs.
     with _file_lock(path.with_suffix(".lock")):
         if path.is_file():
-            return Costs(**json.loads(path.read_text()))
+            known = {f.name for f in fields(Costs)}  # files of earlier versions carry byte counts too
+            return Costs(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
         costs = measure(cfg, rows, repeats)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(costs)))
@@ -100,9 +97,7 @@ def measure(cfg: Config, rows: int, repeats: int = 3) -> Costs:
     sizes = parameter_counts(cfg.model.path, cfg.model.task, cfg.model.num_labels)
     costs = Costs(rows=rows, seq_len=cfg.data.seq_len, block_fwd_s=med["block_fwd"], block_bwd_s=med["block_bwd"],
                   head_fwd_s=med["head_fwd"], head_bwd_s=med["head_bwd"], embed_s=med["embed"],
-                  act_bytes=rows * cfg.data.seq_len * sizes["hidden"] * 4, block_param_bytes=sizes["block"] * 4,
-                  embed_param_bytes=sizes["embedding"] * 4,
-                  head_param_bytes=(sizes["head"] - (sizes["embedding"] if sizes["tied"] else 0)) * 4)
+                  act_bytes=rows * cfg.data.seq_len * sizes["hidden"] * 4)
     log.info("measured costs for %d x %d: block fwd %.4fs bwd %.4fs, head fwd %.4fs bwd %.4fs", rows,
              cfg.data.seq_len, costs.block_fwd_s, costs.block_bwd_s, costs.head_fwd_s, costs.head_bwd_s)
     return costs

@@ -500,6 +500,7 @@ def parameter_counts(path: str, task: str = "causal_lm", num_labels: int = 0) ->
     return {"block": sum(p.numel() for p in family.block_list()[0].parameters()),
             "embedding": count(family.embedding_names()), "head": count(family.head_names()),
             "hidden": config.hidden_size if hasattr(config, "hidden_size") else config.n_embd,
+            "vocab": config.vocab_size,
             "num_blocks": len(family.block_list()),
             "tied": bool(getattr(config, "tie_word_embeddings", False)) and task == "causal_lm"}
 

@@ -95,11 +95,11 @@ def plan_capacity(cfg, world_size: int) -> tuple[list[int], dict]:
     """`pipeline.partition: capacity` for a ring or line: per-rank costs from the measured per-block costs over
     each rank's speed (profile), memory caps from each rank's budget. Returns (partition, details).
 
-    Memory model per block on a rank: its fp32 weights (+3% for LoRA and AdamW state) and ~16 saved tensors of
-    each micro-batch's hidden state it may hold at once (M under gpipe, at most the pipeline depth under 1f1b);
-    the initiator (ring) also holds the embedding and head. The limits are estimates: see docs.
+    Memory: ringada/memory.py (weights, adapters and the activations of the micro-batches a rank may hold at
+    once; the embedding on rank 0 and the head where it lives). The limits are estimates: see docs.
     """
     from .costs import block_costs
+    from .memory import held_micro_batches, memory_model
     from .models import num_blocks_of
     from .profiles import load_profile
 
@@ -111,12 +111,10 @@ def plan_capacity(cfg, world_size: int) -> tuple[list[int], dict]:
     costs = block_costs(cfg, rows)
     ring = cfg.pipeline.mode == "ring"
     speeds = [profile.speed(d.gflops) for d in profile.devices]
-    held = cfg.data.micro_batches if cfg.pipeline.schedule == "gpipe" else min(cfg.data.micro_batches, world_size + 1)
-    block_mem = costs.block_param_bytes * 1.03 + 16 * costs.act_bytes * held
+    model, held = memory_model(cfg, rows), held_micro_batches(cfg, world_size)
+    block_mem = model.per_block(held)
     head_rank = 0 if ring else world_size - 1
-    base = [0.0] * world_size
-    base[0] += costs.embed_param_bytes
-    base[head_rank] += costs.head_param_bytes
+    base = [model.weights(0, r == 0, r == head_rank) for r in range(world_size)]
     extra = [0.0] * world_size
     extra[0] += costs.embed_s / speeds[0]
     extra[head_rank] += (costs.head_fwd_s + costs.head_bwd_s) / speeds[head_rank]
@@ -130,23 +128,15 @@ def plan_capacity(cfg, world_size: int) -> tuple[list[int], dict]:
 
 
 def estimate_memory(cfg, partition: list[int]) -> list[float]:
-    """Estimated bytes per rank for its slice: weights (+3% for LoRA and AdamW state) plus ~16 saved tensors of
-    each micro-batch's hidden state it may hold at once, plus the embedding (rank 0) and the head (the rank
-    holding it). The same model as `capacity`; it excludes the Python/torch runtime itself."""
-    from .models import parameter_counts
+    """Estimated bytes per rank for its slice (ringada/memory.py, the model `capacity` plans with; the
+    Python/torch runtime itself excluded)."""
+    from .memory import held_micro_batches, memory_model
 
-    sizes = parameter_counts(cfg.model.path, cfg.model.task, cfg.model.num_labels)
     world = len(partition)
-    rows = -(-cfg.data.batch_size // cfg.data.micro_batches)
-    act = rows * cfg.data.seq_len * sizes["hidden"] * 4
-    held = cfg.data.micro_batches if cfg.pipeline.schedule == "gpipe" else min(cfg.data.micro_batches, world + 1)
-    block = sizes["block"] * 4 * 1.03 + 16 * act * held
+    model = memory_model(cfg, -(-cfg.data.batch_size // cfg.data.micro_batches))
+    held = held_micro_batches(cfg, world)
     head_rank = 0 if cfg.pipeline.mode == "ring" else world - 1
-    head = (sizes["head"] - (sizes["embedding"] if sizes["tied"] and head_rank == 0 else 0)) * 4
-    out = [b * block for b in partition]
-    out[0] += sizes["embedding"] * 4
-    out[head_rank] += head
-    return out
+    return [model.rank_bytes(b, r == 0, r == head_rank, held) for r, b in enumerate(partition)]
 
 
 def check_memory(cfg, partition: list[int]) -> None:

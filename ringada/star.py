@@ -62,6 +62,7 @@ from .federated.allocation import (Allocation, AllocationProblem, DeviceProfile,
 from .federated.scheduling import makespan, server_order
 from .federated.selection import DeviceStats, Mobility, Selector, steps_before_leaving
 from .federated.shards import shard_rows
+from .memory import memory_model
 from .models import load_model, num_blocks_of, parameter_counts, read_config, resolve_model_dir
 from .profiles import load_profile
 from .runtime import base_dtype, decode_row, rank_row
@@ -336,10 +337,10 @@ def plan_allocation(cfg: Config, devices: int) -> tuple[Allocation, list[tuple[i
     rounded up to a real setting.
 
     Compute: a frozen block costs ~4 flops per parameter and token (forward, and backward to its input only);
-    device and server times are that over their profile GFLOP/s. Memory per block on a device: its fp32
-    weights, LoRA with AdamW state (~3 copies of r*(in+out) per target, bounded here by 1% of the block) and
-    about 16 saved activations of the batch; the embedding is the device's fixed base. Uplink bytes per round:
-    the fp32 activation of a batch at the cut, per local step.
+    device and server times are that over their profile GFLOP/s. Memory (ringada/memory.py): per block its
+    weights, adapters and the saved activations of one batch; the embedding (and under label privacy the head)
+    is the device's fixed base. Uplink bytes per round: the fp32 activation of a batch at the cut, per local
+    step.
     """
     profile = load_profile(cfg.star.profile)
     if len(profile.devices) != devices:
@@ -348,11 +349,13 @@ def plan_allocation(cfg: Config, devices: int) -> tuple[Allocation, list[tuple[i
     sizes = parameter_counts(cfg.model.path, cfg.model.task, cfg.model.num_labels)
     tokens = cfg.data.batch_size * cfg.data.seq_len
     act_bytes = tokens * sizes["hidden"] * 4
-    block_memory = sizes["block"] * 4 * 1.03 + 16 * act_bytes
+    memory = memory_model(cfg, cfg.data.batch_size)
+    block_memory = memory.per_block(held=1)
+    base_memory = memory.weights(0, embed=True, head=cfg.star.label_privacy)
     flops = 4 * sizes["block"] * tokens * cfg.star.local_steps
     problem = AllocationProblem(
         devices=tuple(DeviceProfile(block_time=flops / (d.gflops * 1e9), memory_budget=d.memory_mb * 2**20,
-                                    base_memory=sizes["embedding"] * 4, act_bytes=act_bytes * cfg.star.local_steps)
+                                    base_memory=base_memory, act_bytes=act_bytes * cfg.star.local_steps)
                       for d in profile.devices),
         num_blocks=sizes["num_blocks"], block_memory=block_memory, uplink=profile.uplink_mbps * 1e6 / 8,
         downlink=profile.downlink_mbps * 1e6 / 8, server_block_time=flops / (profile.server_gflops * 1e9),

@@ -57,7 +57,7 @@ def _unit_costs(**kw):
     from ringada.costs import Costs
 
     base = dict(rows=1, seq_len=4, block_fwd_s=1.0, block_bwd_s=2.0, head_fwd_s=0.0, head_bwd_s=0.0, embed_s=0.0,
-                act_bytes=0, block_param_bytes=0, embed_param_bytes=0, head_param_bytes=0)
+                act_bytes=0)
     base.update(kw)
     return Costs(**base)
 
