@@ -344,27 +344,45 @@ def sweep_table(bench: dict) -> str:
 
 
 def plot_sweep(bench: dict, out: Path) -> None:
-    """Smashed bytes against held-out loss (exact and through the codec), one point per setting."""
+    """Smashed bytes against the held-out loss's change from the uncompressed run (exact, and through the
+    codec), one point per setting; the Pareto front of the exact evaluation dashed. Changes beyond the chart's
+    top are drawn at its edge with their value written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    rs = sorted(bench["results"], key=lambda r: r["smashed_bytes"])
-    for how, marker in (("exact", "o"), ("codec", "x")):
-        ax.scatter([r["smashed_bytes"] / 1e6 for r in rs], [r[f"eval_loss_{how}"] for r in rs], marker=marker,
-                   label=f"eval loss ({how})")
+    rs = sorted((r for r in bench["results"] if r.get("eval_loss_exact_change") is not None),
+                key=lambda r: r["smashed_bytes"])
+    if not rs:
+        return
+    top = 10.0  # percent
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for how, marker, color in (("exact", "o", "#4c72b0"), ("codec", "x", "#dd8452")):
+        xs = [r["smashed_bytes"] / 1e6 for r in rs]
+        ys = [100 * r[f"eval_loss_{how}_change"] for r in rs]
+        ax.scatter(xs, [min(y, top) for y in ys], marker=marker, color=color,
+                   label=f"held-out loss, {'exact' if how == 'exact' else 'through the codec'}")
+        for x, y in zip(xs, ys):
+            if y > top:
+                ax.annotate(f"{y:+.0f}%", (x, top), textcoords="offset points", xytext=(6, -10), fontsize=8,
+                            color=color)
     front = [r for r in rs if r.get("pareto")]
-    ax.plot([r["smashed_bytes"] / 1e6 for r in front], [r["eval_loss_exact"] for r in front], "--", color="grey",
-            label="Pareto front (exact)")
-    for r in rs:
-        ax.annotate(r["system"].removeprefix("sft-"), (r["smashed_bytes"] / 1e6, r["eval_loss_exact"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot([r["smashed_bytes"] / 1e6 for r in front], [100 * r["eval_loss_exact_change"] for r in front], "--",
+            color="grey", label="Pareto front (exact)")
+    for i, r in enumerate(rs):
+        ax.annotate(r["system"].removeprefix("sft-"), (r["smashed_bytes"] / 1e6, min(100 * r["eval_loss_exact_change"],
+                    top)), textcoords="offset points", xytext=(4, -14 if i % 2 else 6), fontsize=8, rotation=0)
+    ax.axhline(1.0, color="#4c72b0", lw=0.6, ls=":")
+    ax.axhline(2.0, color="#dd8452", lw=0.6, ls=":")
     ax.set_xscale("log")
-    ax.set_xlabel("smashed data on the wire (MB, log)")
-    ax.set_ylabel("held-out loss")
-    ax.legend(fontsize=8)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylim(-0.5, top + 0.5)
+    ax.set_xlabel("smashed data on the wire, MB (log)")
+    ax.set_ylabel("held-out loss vs uncompressed, %")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(out / "compression_pareto.png", dpi=110)
     plt.close(fig)
