@@ -115,8 +115,8 @@ def system_settings(system: str, num_blocks: int, world: int) -> tuple[str, dict
         depths = [max(1, round(num_blocks * (i + 1) / 15)) for i in range(world)]
         star = {"pipeline.mode": "sft" if system.startswith("sft") else "sfl", "star.device_blocks": depths,
                 "star.rounds": 2, "data.micro_batches": 1}
-        if system == "sft-compressed":
-            star.update({"compress.topk": 0.1, "compress.bits": 4, "compress.lossless": "zlib"})
+        if system == "sft-compressed":  # what configs/sft_smollm2_compressed.yaml ships
+            star.update(COMPRESS_SETTINGS["int4-hadamard-grad3"])
         if system == "sfl-copy-per-device":
             star["star.server_copies"] = True
         if system in COMPRESS_SYSTEMS:

@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(also relative to tdp-1f1b with the same trainable set), step time next to the simulator's "
                            "prediction, CPU seconds per step, peak RSS per rank, bytes on the wire and eval loss. "
                            "ring: ring-earlystop, ring-noearlystop, ring-full, line, tdp-gpipe, tdp-1f1b, "
-                           "tdp-1f1b-full, single. star: sfl, sft, sft-compressed, sfl-copy-per-device (with server "
-                           "memory and makespan over FIFO).")
+                           "tdp-1f1b-full, single. star: sfl, sft, sft-compressed (the shipped codec), "
+                           "sfl-copy-per-device (with server memory and makespan over FIFO). compress: sft with each "
+                           "codec setting. generate: decoding, one process against the ring.")
     bench.add_argument("--suite", choices=("ring", "star", "all", "compress", "generate"), default="ring",
                        help="ring, star, all (both); compress: sft with each codec setting (smashed bytes against "
                        "held-out loss, a Pareto plot); generate: decoding in one process against the ring")
