@@ -4,8 +4,9 @@ ringada/federated/allocation.py).
 For a cut after ``d`` blocks and a codec, the relative increase of the model's loss on held-out rows when the
 hidden state at the cut travels through the codec: one forward pass keeps the hidden state at every cut, then
 the blocks above each cut run again on the decoded state. The model is the frozen base (a run's adapters start
-as the identity), the rows the first batch of data.eval (data.train without one). The bytes ratio is what the
-codec really produced (blob bytes over float32 bytes).
+as the identity), the rows the first run.eval_batches batches of data.eval (data.train without one): one batch of
+a few rows is noisy at the 1% level. The bytes ratio is what the codec really produced (blob bytes over float32
+bytes).
 
 Measurements are cached per model, data, batch and codec menu in ``$RINGADA_CACHE/calibration/`` (one process
 measures; the other ranks on the box wait for its file), so that every rank plans with the same numbers.
@@ -54,13 +55,13 @@ def cuts_to_measure(max_depth: int) -> list[int]:
 
 def measure(cfg: Config, cuts: list[int], bits_menu: list[int]) -> dict:
     """{"cuts": [...], "bits": [...], "ratio": [[cut][bits]], "loss_increase": [[cut][bits]], "loss": base} on the
-    first eval batch, cached (see the module docstring)."""
+    first run.eval_batches eval batches, cached (see the module docstring)."""
     from .models import _file_lock, cache_dir, resolve_model_dir
 
     key = {"model": str(resolve_model_dir(cfg.model.path)), "data": cfg.data.eval or cfg.data.train,
            "seq_len": cfg.data.seq_len, "batch": cfg.data.batch_size, "cuts": cuts, "bits": bits_menu,
            "codecs": [dataclasses.asdict(activation_codec(cfg, b)) for b in bits_menu], "seed": cfg.run.seed,
-           "dtype": cfg.run.dtype, "version": 1}
+           "dtype": cfg.run.dtype, "batches": cfg.run.eval_batches, "version": 2}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "calibration" / f"{digest}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,38 +84,41 @@ def _measure(cfg: Config, cuts: list[int], bits_menu: list[int]) -> dict:
 
     split = "eval" if cfg.data.eval else "train"
     data = load_split(cfg, split, read_config(cfg.model.path).vocab_size)
-    batch = next(iter(data.eval_batches(cfg.data.batch_size, 1)))
+    batches = list(data.eval_batches(cfg.data.batch_size, max(1, cfg.run.eval_batches)))
     cut = load_model(cfg.model.path, "causal_lm", seed=cfg.run.seed, dtype=base_dtype(cfg))
     codecs = [activation_codec(cfg, b) for b in bits_menu]
     gen = torch.Generator().manual_seed(cfg.run.seed)
+    base, count = 0.0, 0
+    coded = [[0.0] * len(codecs) for _ in cuts]
+    blob_bytes = [[0] * len(codecs) for _ in cuts]
+    raw_bytes = 0
     with torch.no_grad():
-        hidden = cut.embed(batch.input_ids)
-        ctx = cut.context(hidden, batch.attention_mask)
-        at = {}
-        for i in range(cut.num_blocks):
-            if i in cuts:
-                at[i] = hidden
-            hidden = cut.run_block(i, hidden, ctx)
-        if cut.num_blocks in cuts:
-            at[cut.num_blocks] = hidden
+        for batch in batches:
+            hidden = cut.embed(batch.input_ids)
+            ctx = cut.context(hidden, batch.attention_mask)
+            at = {}
+            for i in range(cut.num_blocks):
+                if i in cuts:
+                    at[i] = hidden
+                hidden = cut.run_block(i, hidden, ctx)
+            if cut.num_blocks in cuts:
+                at[cut.num_blocks] = hidden
 
-        def loss_from(d: int, h: torch.Tensor) -> float:
-            for i in range(d, cut.num_blocks):
-                h = cut.run_block(i, h, ctx)
-            return float(loss_sum(cut.head(h, batch.attention_mask), batch.labels))
+            def loss_from(d: int, h: torch.Tensor) -> float:
+                for i in range(d, cut.num_blocks):
+                    h = cut.run_block(i, h, ctx)
+                return float(loss_sum(cut.head(h, batch.attention_mask), batch.labels))
 
-        base = float(loss_sum(cut.head(hidden, batch.attention_mask), batch.labels))
-        ratios, increases = [], []
-        for d in cuts:
-            h = at[d]
-            row_r, row_e = [], []
-            for codec in codecs:
-                blob = encode(h, codec, gen)
-                row_r.append(blob.numel() / (h.numel() * 4))
-                row_e.append(loss_from(d, decode(blob).to(h.dtype)) / base - 1)
-            ratios.append(row_r)
-            increases.append(row_e)
-    count = int((batch.labels[:, 1:] != -100).sum())
+            base += float(loss_sum(cut.head(hidden, batch.attention_mask), batch.labels))
+            count += int((batch.labels[:, 1:] != -100).sum())
+            raw_bytes += hidden.numel() * 4
+            for j, d in enumerate(cuts):
+                for k, codec in enumerate(codecs):
+                    blob = encode(at[d], codec, gen)
+                    blob_bytes[j][k] += blob.numel()
+                    coded[j][k] += loss_from(d, decode(blob).to(at[d].dtype))
+    ratios = [[n / raw_bytes for n in row] for row in blob_bytes]
+    increases = [[c / base - 1 for c in row] for row in coded]
     return {"cuts": cuts, "bits": bits_menu, "ratio": ratios, "loss_increase": increases, "loss": base / count}
 
 
