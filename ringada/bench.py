@@ -43,6 +43,8 @@ COMPRESS_SETTINGS = {
     "topk": {"compress.topk": 0.1, "compress.bits": 4, "compress.scale": "tensor", "compress.lossless": "zlib"},
 }
 COMPRESS_SYSTEMS = [f"sft-{name}" for name in COMPRESS_SETTINGS]
+# Time to target: every system trains all it can reach, on the same model, data, batch and token budget.
+TTA_SYSTEMS = ["ring-plateau", "ring-full", "line-full", "tdp-1f1b-full", "sfl", "sft", "single-full"]
 SMASHED_KINDS = ("activation", "gradient", "top_hidden", "top_gradient")
 
 
@@ -81,7 +83,7 @@ def is_star(system: str) -> bool:
 
 def trains_all(system: str) -> bool:
     """Whether the system trains every block (else the top 25%, as ring-earlystop)."""
-    return system in ("ring-full", "tdp-1f1b-full") or is_star(system)
+    return system in ("ring-full", "tdp-1f1b-full", "line-full", "single-full") or is_star(system)
 
 
 def reference_of(system: str) -> str | None:
@@ -104,6 +106,14 @@ def system_settings(system: str, num_blocks: int, world: int) -> tuple[str, dict
         return "ringada", {"pipeline.mode": "ring", "pipeline.early_stop": False, **earlystop}, world
     if system == "ring-full":
         return "ringada", {"pipeline.mode": "ring"}, world
+    if system == "ring-plateau":  # top 25% first, 25% more whenever the held-out loss stalls (checked every 2 steps)
+        return "ringada", {"pipeline.mode": "ring", "unfreeze.initial": top, "unfreeze.increment": top,
+                           "unfreeze.by": "plateau", "unfreeze.every": 2, "unfreeze.patience": 1,
+                           "unfreeze.min_delta": 0.01}, world
+    if system == "line-full":
+        return "ringada", {"pipeline.mode": "line"}, world
+    if system == "single-full":
+        return "ringada", {"pipeline.mode": "single", "run.threads": os.cpu_count() or 1}, 1
     if system == "line":
         return "ringada", {"pipeline.mode": "line", **earlystop}, world
     if system == "tdp-1f1b-full":
@@ -199,6 +209,7 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
         if star["eval_loss_exact"] is None:  # no lossy codec: one evaluation, exact
             star["eval_loss_exact"] = star["eval_loss_codec"] = summary.get("eval_loss")
         star["compress"] = {k.removeprefix("compress."): v for k, v in sets.items() if k.startswith("compress.")}
+    star["curve"] = eval_curve(out, summary)
     steps = summary["steps"]
     cpu = [r.get("train_cpu_s") for r in ranks]
     return {"system": system, "trainable": "all" if trains_all(system) else "top 25%", **star,
@@ -232,7 +243,7 @@ def not_runnable(system: str, device: str, world: int) -> str | None:
 
 def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, steps: int = 4,
               profile: str | None = None, timeout: float = 1800, device: str = "cpu",
-              overrides: list[str] = (), systems: list[str] | None = None) -> dict:
+              overrides: list[str] = (), systems: list[str] | None = None, target: float | None = None) -> dict:
     """Run the suite's systems (with ``profile``: the ring systems ringada can emulate, on those devices and
     links, next to the simulator's prediction for the same profile) and write bench.json, bench.md and plots.
     ``device`` is run.device of every run (the simulator's prediction, from CPU block costs, is left out on a
@@ -261,7 +272,9 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
     settings["run.device"] = device
     num_blocks = num_blocks_of(settings["model.path"])
     suite_systems = {"ring": RING_SYSTEMS, "star": STAR_SYSTEMS, "all": RING_SYSTEMS + STAR_SYSTEMS,
-                     "compress": COMPRESS_SYSTEMS}[suite]
+                     "compress": COMPRESS_SYSTEMS, "tta": TTA_SYSTEMS}[suite]
+    if suite == "tta":
+        settings.setdefault("run.eval_every", 2)
     if profile:
         suite_systems = EMULATED_SYSTEMS
     unknown = [s for s in systems or [] if s not in suite_systems]
@@ -276,7 +289,10 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
         order = systems[rep % len(systems):] + systems[:rep % len(systems)]  # rotate to spread drift
         for system in order:
             log.info("bench round %d/%d: %s", rep + 1, repeats, system)
-            runs[system].append(run_system(system, settings, out / "runs" / f"{system}-{rep}", world, num_blocks,
+            own = settings
+            if suite == "tta" and is_star(system):  # the same token budget: every device trains a batch per step
+                own = {**settings, "run.steps": max(2, settings["run.steps"] // world)}
+            runs[system].append(run_system(system, own, out / "runs" / f"{system}-{rep}", world, num_blocks,
                                            timeout, profile))
     results = []
     for system, rs in runs.items():
@@ -306,12 +322,103 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
              "simulator_mean_abs_error": sum(errors) / len(errors) if errors else None}
     if suite == "compress":
         compression_sweep(bench)
+    if suite == "tta":
+        bench["target"] = time_to_target(bench["results"], target)
     (out / "bench.json").write_text(json.dumps(bench, indent=2))
-    (out / "bench.md").write_text(markdown_table(bench) + ("\n" + sweep_table(bench) if suite == "compress" else ""))
+    (out / "bench.md").write_text(markdown_table(bench) + ("\n" + sweep_table(bench) if suite == "compress" else "")
+                                  + ("\n" + tta_table(bench) if suite == "tta" else ""))
     plot(bench, out)
     if suite == "compress":
         plot_sweep(bench, out)
+    if suite == "tta":
+        plot_tta(bench, out)
     return bench
+
+
+def eval_curve(out: Path, summary: dict) -> list[dict]:
+    """Held-out loss against training time: [{step, tokens, train_s, eval_loss}], from the evaluation before
+    training, every run.eval_every, and after. A tdp run evaluates nothing: its points are its own step times
+    (summary step_elapsed_s), the losses those of the exact systems at the same step (see time_to_target)."""
+    if "step_elapsed_s" in summary:
+        return [{"step": i + 1, "train_s": t, "eval_loss": None} for i, t in enumerate(summary["step_elapsed_s"])]
+    points = []
+    before = summary.get("eval_before") or {}
+    if "eval_loss" in before:
+        points.append({"step": 0, "tokens": 0, "train_s": 0.0, "eval_loss": before["eval_loss"]})
+    metrics = out / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        m = json.loads(line)
+        if "eval_loss" in m:
+            points.append({"step": m["step"] + 1, "tokens": m.get("tokens"), "train_s": m["elapsed_s"],
+                           "eval_loss": m["eval_loss"]})
+    after = summary.get("eval_after") or {}
+    if "eval_loss" in after:
+        points.append({"step": summary["steps"], "tokens": summary.get("tokens"),
+                       "train_s": summary.get("train_s", summary.get("wall_s")), "eval_loss": after["eval_loss"]})
+    return points
+
+
+def time_to_target(results: list[dict], target: float | None = None) -> dict:
+    """Fill each result's time_to_target_s and tokens_to_target (None when the budget ended first). The default
+    target is 90% of the way from the starting held-out loss to what single-full reaches within the budget.
+    tdp-1f1b-full trains exactly what single-full trains (every exact system ends with the same adapters), so
+    its loss at a step is single-full's and its time the tdp run's own."""
+    by = {r["system"]: r for r in results}
+    single = by.get("single-full")
+    start = next((p["eval_loss"] for r in results for p in r["curve"] if p["step"] == 0), None)
+    if target is None:
+        if single is None or not single["curve"] or start is None:
+            raise ValueError("--target: give one, or run single-full (the default target is 90% of the way from "
+                             "the starting loss to single-full's)")
+        target = start + 0.9 * (single["curve"][-1]["eval_loss"] - start)
+    exact = {p["step"]: p for p in (single or {}).get("curve", [])}
+    for r in results:
+        curve = r["curve"]
+        if r["system"].startswith("tdp-"):
+            tokens_per_step = (single["curve"][-1].get("tokens") or 0) / max(single["curve"][-1]["step"], 1) \
+                if single else 0
+            curve = [{**p, "eval_loss": exact[p["step"]]["eval_loss"], "tokens": round(tokens_per_step * p["step"])}
+                     for p in curve if p["step"] in exact]
+            r["curve"] = curve
+        hit = next((p for p in curve if p["eval_loss"] is not None and p["eval_loss"] <= target), None)
+        r["time_to_target_s"] = hit["train_s"] if hit else None
+        r["tokens_to_target"] = hit.get("tokens") if hit else None
+        r["steps_to_target"] = hit["step"] if hit else None
+        r["final_eval_loss"] = curve[-1]["eval_loss"] if curve else None
+    return {"loss": target, "start_loss": start}
+
+
+def tta_table(bench: dict) -> str:
+    target = bench.get("target", {})
+    lines = [f"Target held-out loss {target.get('loss', float('nan')):.4f} (start {target.get('start_loss') or 0:.4f}).",
+             "", "| system | ranks | time to target s | tokens to target | steps | final held-out loss | "
+             "peak RSS MiB per rank | bytes sent MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in bench["results"]:
+        rss = " / ".join(f"{b / 2**20:.0f}" for b in r["peak_rss_bytes_per_rank"])
+        lines.append(f"| {r['system']} | {r['ranks']} | {_num(r.get('time_to_target_s'), '.1f')} | "
+                     f"{_num(r.get('tokens_to_target'), 'd')} | {_num(r.get('steps_to_target'), 'd')} | "
+                     f"{_num(r.get('final_eval_loss'), '.4f')} | {rss} | {r['bytes_sent'] / 1e6:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_tta(bench: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in bench["results"]:
+        pts = [p for p in r["curve"] if p["eval_loss"] is not None]
+        ax.plot([p["train_s"] for p in pts], [p["eval_loss"] for p in pts], marker="o", ms=3, label=r["system"])
+    if bench.get("target"):
+        ax.axhline(bench["target"]["loss"], color="grey", ls="--", lw=0.8, label="target")
+    ax.set_xlabel("training wall time, s")
+    ax.set_ylabel("held-out loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_time.png", dpi=110)
+    plt.close(fig)
 
 
 def compression_sweep(bench: dict) -> None:

@@ -105,9 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "tdp-1f1b-full, single. star: sfl, sft, sft-compressed (the shipped codec), "
                            "sfl-copy-per-device (with server memory and makespan over FIFO). compress: sft with each "
                            "codec setting. generate: decoding, one process against the ring.")
-    bench.add_argument("--suite", choices=("ring", "star", "all", "compress", "generate"), default="ring",
+    bench.add_argument("--suite", choices=("ring", "star", "all", "compress", "tta", "generate"), default="ring",
                        help="ring, star, all (both); compress: sft with each codec setting (smashed bytes against "
-                       "held-out loss, a Pareto plot); generate: decoding in one process against the ring")
+                       "held-out loss, a Pareto plot); tta: time to a target held-out loss for ring, line, tdp, "
+                       "sfl, sft and single on one token budget (--steps); generate: decoding in one process "
+                       "against the ring")
+    bench.add_argument("--target", type=float, default=None,
+                       help="tta suite: the held-out loss to reach (default: 90%% of the way from the starting loss "
+                       "to what single-full reaches within the budget)")
     bench.add_argument("--out", required=True, help="output directory")
     bench.add_argument("--smoke", action="store_true", help="tiny random model and data (seconds, for CI)")
     bench.add_argument("--repeats", type=int, default=1, help="rounds over all systems (median is reported)")
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bench = run_bench(args.suite, Path(args.out), args.smoke, args.repeats, args.world, args.steps,
                               args.profile, device=args.device, overrides=args.overrides,
-                              systems=args.systems.split(",") if args.systems else None)
+                              systems=args.systems.split(",") if args.systems else None, target=args.target)
         except (ValueError, RuntimeError) as e:
             print(f"ringada: bench error: {e}", file=sys.stderr)
             return 2

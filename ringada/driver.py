@@ -173,7 +173,7 @@ def drive(cfg: Config, trainer: Trainer, resume: tuple[Path, dict] | None) -> di
         "mode": tr.mode, "world_size": tr.world_size, "steps": cfg.run.steps,
         "final_loss": loss if loss is not None else math.nan,
         **({"eval_loss": after["eval_loss"], "eval_before": before, "eval_after": after} if after else {}),
-        "tokens_per_s": counters["tokens"] / max(counters["train_s"], 1e-9), "wall_s": wall,
+        "tokens": counters["tokens"], "tokens_per_s": counters["tokens"] / max(counters["train_s"], 1e-9), "wall_s": wall,
         "train_s": counters["train_s"], "skipped_steps": counters["skipped_steps"],
         "adapter_params": sum(v.numel() for v in final.values()),
         **({"resumed_from_step": start_step} if resumed is not None else {}),

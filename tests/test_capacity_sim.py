@@ -220,3 +220,42 @@ def test_compression_sweep_savings_changes_and_pareto_front():
     assert r["sft-int8"]["eval_loss_codec_change"] == pytest.approx(0.0025)
     assert [x["pareto"] for x in bench["results"]] == [False, True, True, False]  # topk: more bytes, worse loss
     assert "| int4 | 0.00 | 85.0% | 4.0200 | +0.50% | 4.1000 | +2.50% | yes |" in sweep_table(bench)
+
+
+def test_time_to_target_reads_curves_and_maps_tdp_onto_the_exact_systems(tmp_path):
+    import json as _json
+
+    from ringada.bench import TTA_SYSTEMS, eval_curve, resolved_settings, time_to_target, tta_table
+
+    sets = {s: resolved_settings(s, {"run.steps": 16, "data.batch_size": 8}, 30, 4) for s in TTA_SYSTEMS}
+    assert sets["ring-plateau"][1]["unfreeze.by"] == "plateau" and sets["ring-plateau"][1]["unfreeze.initial"] == 8
+    assert all("unfreeze.initial" not in sets[s][1] for s in ("ring-full", "line-full", "single-full", "tdp-1f1b-full"))
+    # a run's curve: the evaluation before, every eval_every step (metrics.jsonl), and after
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(_json.dumps(m) + "\n" for m in [
+        {"step": 0, "elapsed_s": 1.0, "tokens": 100}, {"step": 1, "elapsed_s": 2.0, "tokens": 200, "eval_loss": 4.5},
+        {"step": 2, "elapsed_s": 3.0, "tokens": 300}, {"step": 3, "elapsed_s": 4.0, "tokens": 400}]))
+    summary = {"steps": 4, "tokens": 400, "train_s": 4.0, "eval_before": {"eval_loss": 5.0},
+               "eval_after": {"eval_loss": 4.0}}
+    single = eval_curve(out, summary)
+    assert [(p["step"], p["tokens"], p["train_s"], p["eval_loss"]) for p in single] == [
+        (0, 0, 0.0, 5.0), (2, 200, 2.0, 4.5), (4, 400, 4.0, 4.0)]
+    tdp = eval_curve(out, {"step_elapsed_s": [0.5, 1.0, 1.5, 2.0]})
+    results = [{"system": "single-full", "curve": single}, {"system": "tdp-1f1b-full", "curve": tdp},
+               {"system": "sft", "curve": [{"step": 0, "tokens": 0, "train_s": 0.0, "eval_loss": 5.0},
+                                           {"step": 1, "tokens": 400, "train_s": 9.0, "eval_loss": 4.7}]}]
+    target = time_to_target(results, None)
+    assert target["loss"] == pytest.approx(5.0 + 0.9 * (4.0 - 5.0)) and target["start_loss"] == 5.0
+    by = {r["system"]: r for r in results}
+    assert by["single-full"]["time_to_target_s"] == 4.0 and by["single-full"]["tokens_to_target"] == 400
+    # tdp trains what single trains: single's loss at each step, tdp's own time for it
+    assert by["tdp-1f1b-full"]["steps_to_target"] == 4 and by["tdp-1f1b-full"]["time_to_target_s"] == 2.0
+    assert by["sft"]["time_to_target_s"] is None and by["sft"]["final_eval_loss"] == 4.7
+    assert time_to_target([dict(r, curve=list(r["curve"])) for r in results[:1]], 4.5)["loss"] == 4.5
+    with pytest.raises(ValueError, match="--target"):
+        time_to_target([{"system": "sft", "curve": []}], None)
+    for r in results:
+        r.update(ranks=1, peak_rss_bytes_per_rank=[2**20], bytes_sent=0)
+    assert "| tdp-1f1b-full | 1 | 2.0 | 400 | 4 | 4.0000 | 1 | 0.0 |" in tta_table({"results": results,
+                                                                                     "target": target})

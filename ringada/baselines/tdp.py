@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         stage = PipelineStage(StageModule(cut, lo, hi), rank, world, device, group=groups[0] if groups else None)
         schedule = (ScheduleGPipe if args.schedule == "gpipe" else Schedule1F1B)(stage, M, loss_fn=loss_fn)
         data = load_run_data(cfg, cut.model.config.vocab_size) if rank in (0, world - 1) else None
-        tokens, start, cpu0, losses_log = 0, time.perf_counter(), time.process_time(), []
+        tokens, start, cpu0, losses_log, step_times = 0, time.perf_counter(), time.process_time(), [], []
         for step in range(cfg.run.steps):
             batch = data.train.batch_at(step, cfg.data.batch_size, cfg.data.shuffle, cfg.run.seed)[1].to(device) \
                 if data else None
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer.step()
             if batch is not None:
                 tokens += input_tokens(batch)
+            step_times.append(time.perf_counter() - start)  # the last stage's end of each step
         # a stage without backward finishes its last step before the stages above it: wait for all of them, so
         # that the time covers every rank's work (a ringada step ends in an all_reduce the same way)
         dist.barrier()
@@ -112,11 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         if rank != world - 1:
             losses_t.zero_()
         dist.all_reduce(losses_t)  # the last stage's per-step losses, to rank 0
+        times_t = torch.tensor(step_times, dtype=torch.float64)
+        if rank != world - 1:
+            times_t.zero_()
+        dist.all_reduce(times_t)
         if rank == 0:
             out = Path(cfg.run.out_dir)
             out.mkdir(parents=True, exist_ok=True)
             summary = {"mode": f"tdp-{args.schedule}", "world_size": world, "steps": cfg.run.steps,
-                       "final_loss": losses_t[-1].item(), "losses": losses_t.tolist(), "tokens_per_s": tokens / wall, "wall_s": wall,
+                       "final_loss": losses_t[-1].item(), "losses": losses_t.tolist(), "tokens": tokens,
+                       "step_elapsed_s": times_t.tolist(), "tokens_per_s": tokens / wall, "wall_s": wall,
                        "train_s": wall, "partition": topo.partition, "micro_batches": M, "ranks": ranks}
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
             log.info("tdp-%s: %.1f tokens/s, %.2f s/step", args.schedule, tokens / wall, wall / cfg.run.steps)
