@@ -377,8 +377,9 @@ def time_to_target(results: list[dict], target: float | None = None) -> dict:
         if r["system"].startswith("tdp-"):
             tokens_per_step = (single["curve"][-1].get("tokens") or 0) / max(single["curve"][-1]["step"], 1) \
                 if single else 0
-            curve = [{**p, "eval_loss": exact[p["step"]]["eval_loss"], "tokens": round(tokens_per_step * p["step"])}
-                     for p in curve if p["step"] in exact]
+            curve = [{**exact[0], "train_s": 0.0}] if 0 in exact else []
+            curve += [{**p, "eval_loss": exact[p["step"]]["eval_loss"], "tokens": round(tokens_per_step * p["step"])}
+                      for p in curve_of_steps(r["curve"]) if p["step"] in exact]
             r["curve"] = curve
         hit = next((p for p in curve if p["eval_loss"] is not None and p["eval_loss"] <= target), None)
         r["time_to_target_s"] = hit["train_s"] if hit else None
@@ -386,6 +387,11 @@ def time_to_target(results: list[dict], target: float | None = None) -> dict:
         r["steps_to_target"] = hit["step"] if hit else None
         r["final_eval_loss"] = curve[-1]["eval_loss"] if curve else None
     return {"loss": target, "start_loss": start}
+
+
+def curve_of_steps(curve: list[dict]) -> list[dict]:
+    """The points of a curve after step 0 (a tdp curve's own step times)."""
+    return [p for p in curve if p["step"] > 0]
 
 
 def tta_table(bench: dict) -> str:
