@@ -191,28 +191,28 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
         grad_edges = sum(1 for r in ranks[1:] if r["blocks"][0] > frontier)
         bytes_sent = (summary["steps"] * (procs - 1 + grad_edges) * sets["data.batch_size"] * sets["data.seq_len"]
                       * hidden * 4)
-    star: dict = {}
+    extra: dict = {}  # what only some systems have (star server, compression, curve)
     if "server" in summary:
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         chosen = [m["predicted_makespan_s"] for m in metrics if "predicted_makespan_s" in m]
         fifo = [m["fifo_makespan_s"] for m in metrics if "fifo_makespan_s" in m]
-        star = {"server_held_bytes": summary["server"]["held_bytes"],
+        extra = {"server_held_bytes": summary["server"]["held_bytes"],
                 "server_copy_per_device_bytes": summary["server"]["copy_per_device_bytes"],
                 "makespan_vs_fifo": sum(chosen) / sum(fifo) if chosen and sum(fifo) else None}
     if is_star(system):
         # what the outside checks read: the smashed data every rank put on the wire, and both evaluations
-        star["smashed_bytes"] = sum(r["sent_by_kind"].get(k, {}).get("bytes", 0) for r in ranks
+        extra["smashed_bytes"] = sum(r["sent_by_kind"].get(k, {}).get("bytes", 0) for r in ranks
                                     for k in SMASHED_KINDS)
         for how in ("exact", "codec"):
             record = summary.get(f"eval_after_{how}")
-            star[f"eval_loss_{how}"] = record["eval_loss"] if record else None
-        if star["eval_loss_exact"] is None:  # no lossy codec: one evaluation, exact
-            star["eval_loss_exact"] = star["eval_loss_codec"] = summary.get("eval_loss")
-        star["compress"] = {k.removeprefix("compress."): v for k, v in sets.items() if k.startswith("compress.")}
-    star["curve"] = eval_curve(out, summary)
+            extra[f"eval_loss_{how}"] = record["eval_loss"] if record else None
+        if extra["eval_loss_exact"] is None:  # no lossy codec: one evaluation, exact
+            extra["eval_loss_exact"] = extra["eval_loss_codec"] = summary.get("eval_loss")
+        extra["compress"] = {k.removeprefix("compress."): v for k, v in sets.items() if k.startswith("compress.")}
+    extra["curve"] = eval_curve(out, summary)
     steps = summary["steps"]
     cpu = [r.get("train_cpu_s") for r in ranks]
-    return {"system": system, "trainable": "all" if trains_all(system) else "top 25%", **star,
+    return {"system": system, "trainable": "all" if trains_all(system) else "top 25%", **extra,
             "tokens_per_s": summary["tokens_per_s"],
             "step_s": summary.get("train_s", summary["wall_s"]) / steps,
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
