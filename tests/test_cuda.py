@@ -81,3 +81,23 @@ def test_cuda_bfloat16_ring_learns_what_a_bfloat16_single_process_learns(tmp_pat
     got, want = (load_file(tmp_path / m / "adapter" / "adapter_model.safetensors") for m in ("ring", "single"))
     assert all(v.dtype == torch.float32 for v in got.values())
     assert_adapters_equal(got, want, tol=1e-2)
+
+
+def test_cuda_generate_gives_the_tokens_of_stock_peft_on_the_cpu(tmp_path, tiny_dirs):
+    """Greedy decoding on the GPU (one process) picks the tokens that stock peft generate picks on the CPU."""
+    from ringada.adapters import add_adapters, save_adapters
+    from ringada.config import load
+    from ringada.generate import GenerateOptions, generate
+    from ringada.models import load_model
+    from tests.test_generate import PROMPTS, peft_generate
+
+    model_dir = tiny_dirs["llama"]
+    cfg = load(None, [f"model.path={model_dir}", "adapter.r=4", "adapter.alpha=8", "pipeline.mode=single",
+                      "run.device=cuda"])
+    adapters = add_adapters(load_model(str(model_dir), "causal_lm"), cfg.adapter, 0, base_dir=str(model_dir))
+    gen = torch.Generator().manual_seed(1)
+    save_adapters(tmp_path / "adapter", {k: torch.randn(v.shape, generator=gen) * 0.3
+                                         for k, v in adapters.state_dict().items()}, adapters.config_json)
+    summary = generate(cfg, tmp_path / "adapter", PROMPTS, GenerateOptions(max_new_tokens=8, batch_size=2))
+    assert [c["tokens"] for c in summary["completions"]] == peft_generate(model_dir, tmp_path / "adapter", PROMPTS,
+                                                                          8, batch_size=2)
