@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "ring: ring-earlystop, ring-noearlystop, ring-full, line, tdp-gpipe, tdp-1f1b, "
                            "tdp-1f1b-full, single. star: sfl, sft, sft-compressed (the shipped codec), "
                            "sfl-copy-per-device (with server memory and makespan over FIFO). compress: sft with each "
-                           "codec setting. generate: decoding, one process against the ring.")
+                           "codec setting. tta: ring-plateau, ring-full, line-full, tdp-1f1b-full, sfl, sft and "
+                           "single-full to a target held-out loss. generate: decoding, one process against the ring.")
     bench.add_argument("--suite", choices=("ring", "star", "all", "compress", "tta", "generate"), default="ring",
                        help="ring, star, all (both); compress: sft with each codec setting (smashed bytes against "
                        "held-out loss, a Pareto plot); tta: time to a target held-out loss for ring, line, tdp, "
