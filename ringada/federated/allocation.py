@@ -440,9 +440,11 @@ def _starting_points(c: np.ndarray, rho: np.ndarray, free: np.ndarray, links: _L
 def _slsqp(c, rho0, T0, free, send, links: _Links) -> np.ndarray | None:
     """SLSQP on the epigraph form, scaled so every variable and constraint is O(1).
 
-    Variables: rho_f for free devices, beta_s = b_s / B for sending devices, tau = T / T0. Constraints:
-    (tau - c_s/T0) * beta_s >= a_s rho_s / (B T0) (the uplink finishes by T, written without a division so
-    beta may touch 0), sum beta <= 1, the error budget, and tau >= c_u / T0 through tau's bound.
+    Variables: rho_f for free devices, beta_s = b_s / B for sending devices, tau = T / T0, and with calibrated
+    curves one s_f per free device (its error, over the budget's scale). Constraints: (tau - c_s/T0) * beta_s
+    >= a_s rho_s / (B T0) (the uplink finishes by T, written without a division so beta may touch 0),
+    sum beta <= 1, the error budget (linear in rho; with curves s_f >= alpha_k + beta_k rho_f for every piece k
+    and sum s_f <= E), and tau >= c_u / T0 through tau's bound.
     """
     fi, si = np.flatnonzero(free), np.flatnonzero(send)
     nf, ns = len(fi), len(si)
@@ -453,43 +455,64 @@ def _slsqp(c, rho0, T0, free, send, links: _Links) -> np.ndarray | None:
     # Free devices all send, so each free variable maps to one sending row; the others' rho stay fixed.
     row_of_free = np.searchsorted(si, fi)
     rho_send0 = rho0[si]
-    w_f = links.w[fi]
-    err_scale = max(links.E, float(np.sum(w_f)))
     rows = np.arange(ns)
+    curves = bool(links.pieces)
+    tau = nf + ns  # index of tau; the s_f follow it with curves
+    size = tau + 1 + (nf if curves else 0)
 
     def fin_cons(x):
         rho_s = rho_send0.copy()
         rho_s[row_of_free] = x[:nf]
-        return (x[-1] - cs) * x[nf : nf + ns] - kappa * rho_s
+        return (x[tau] - cs) * x[nf:tau] - kappa * rho_s
 
     def fin_jac(x):
-        jac = np.zeros((ns, nf + ns + 1))
+        jac = np.zeros((ns, size))
         jac[row_of_free, np.arange(nf)] = -kappa[row_of_free]
-        jac[rows, nf + rows] = x[-1] - cs
-        jac[:, -1] = x[nf : nf + ns]
+        jac[rows, nf + rows] = x[tau] - cs
+        jac[:, tau] = x[nf:tau]
         return jac
 
-    lin_bw = np.concatenate([np.zeros(nf), -np.ones(ns), [0.0]])
-    lin_err = np.concatenate([w_f / err_scale, np.zeros(ns), [0.0]])
-    err_off = (links.E - float(np.sum(w_f))) / err_scale
+    lin_bw = np.zeros(size)
+    lin_bw[nf:tau] = -1.0
     constraints = [
         {"type": "ineq", "fun": fin_cons, "jac": fin_jac},
         {"type": "ineq", "fun": lambda x: 1.0 + lin_bw @ x, "jac": lambda x: lin_bw[None, :]},
-        {"type": "ineq", "fun": lambda x: err_off + lin_err @ x, "jac": lambda x: lin_err[None, :]},
     ]
+    if curves:
+        err_scale = max(links.E, 1e-12)
+        A, b = [], []  # s_f - (alpha + beta rho_f) / err_scale >= 0, every piece
+        for j, u in enumerate(fi):
+            for al, be in zip(*links.pieces[u]):
+                row = np.zeros(size)
+                row[j], row[tau + 1 + j] = -be / err_scale, 1.0
+                A.append(row)
+                b.append(-al / err_scale)
+        A, b = np.array(A), np.array(b)
+        lin_err = np.zeros(size)
+        lin_err[tau + 1:] = -1.0
+        err_off = links.E / err_scale
+        constraints.append({"type": "ineq", "fun": lambda x: A @ x + b, "jac": lambda x: A})
+    else:
+        w_f = links.w[fi]
+        err_scale = max(links.E, float(np.sum(w_f)))
+        lin_err = np.concatenate([w_f / err_scale, np.zeros(ns), [0.0]])
+        err_off = (links.E - float(np.sum(w_f))) / err_scale
+    constraints.append({"type": "ineq", "fun": lambda x: err_off + lin_err @ x, "jac": lambda x: lin_err[None, :]})
     _, b0 = _device_phase(c, rho0, links)
-    x0 = np.concatenate([rho0[fi], b0[si] / links.B, [1.0]])
-    bounds = [(links.rho_min, 1.0)] * nf + [(0.0, 1.0)] * ns + [(float(np.max(c)) / T0, 1.0)]
-    objective = np.zeros(nf + ns + 1)
-    objective[-1] = 1.0
+    x0 = np.concatenate([rho0[fi], b0[si] / links.B, [1.0]]
+                        + ([links.error(rho0)[fi] / err_scale] if curves else []))
+    bounds = ([(float(links.lo[u]), 1.0) for u in fi] + [(0.0, 1.0)] * ns + [(float(np.max(c)) / T0, 1.0)]
+              + [(0.0, None)] * (nf if curves else 0))
+    objective = np.zeros(size)
+    objective[tau] = 1.0
     res = minimize(
-        lambda x: x[-1],
+        lambda x: x[tau],
         x0,
         jac=lambda x: objective,
         method="SLSQP",
         bounds=bounds,
         constraints=constraints,
-        options={"maxiter": 200, "ftol": 1e-12},
+        options={"maxiter": 300 if curves else 200, "ftol": 1e-12},
     )
     if not np.all(np.isfinite(res.x)):
         return None
@@ -536,7 +559,7 @@ def _solve_curves(c: np.ndarray, links: _Links) -> tuple[float, np.ndarray, np.n
     start = _shrink(start, free, links)
     best_T, _ = _device_phase(c, start, links)
     best_rho = start
-    solved = _slsqp_curves(c, start, best_T, free, send, links)
+    solved = _slsqp(c, start, best_T, free, send, links)
     if solved is not None:
         solved = _shrink(np.clip(solved, links.lo, 1.0), free, links)
         T, _ = _device_phase(c, solved, links)
@@ -544,66 +567,6 @@ def _solve_curves(c: np.ndarray, links: _Links) -> tuple[float, np.ndarray, np.n
             best_T, best_rho = T, solved
     T, b = _device_phase(c, best_rho, links)
     return T, best_rho, b
-
-
-def _slsqp_curves(c, rho0, T0, free, send, links: _Links) -> np.ndarray | None:
-    """Like :func:`_slsqp`, with an epigraph variable s_f >= alpha_k + beta_k rho_f (every piece k) per free
-    device and sum s_f <= E in place of the linear error budget."""
-    fi, si = np.flatnonzero(free), np.flatnonzero(send)
-    nf, ns = len(fi), len(si)
-    if T0 <= 0 or not math.isfinite(T0):
-        return None
-    cs = c[si] / T0
-    kappa = links.a[si] / (links.B * T0)
-    row_of_free = np.searchsorted(si, fi)
-    rho_send0 = rho0[si]
-    rows = np.arange(ns)
-    err_scale = max(links.E, 1e-12)
-    size = nf + ns + 1 + nf  # rho_f, beta_s, tau, s_f (scaled by err_scale)
-
-    def fin_cons(x):
-        rho_s = rho_send0.copy()
-        rho_s[row_of_free] = x[:nf]
-        return (x[nf + ns] - cs) * x[nf:nf + ns] - kappa * rho_s
-
-    def fin_jac(x):
-        jac = np.zeros((ns, size))
-        jac[row_of_free, np.arange(nf)] = -kappa[row_of_free]
-        jac[rows, nf + rows] = x[nf + ns] - cs
-        jac[:, nf + ns] = x[nf:nf + ns]
-        return jac
-
-    # pieces: s_f * err_scale - alpha - beta * rho_f >= 0, as one linear block A x + b >= 0
-    A, b = [], []
-    for j, u in enumerate(fi):
-        alpha, beta = links.pieces[u]
-        for al, be in zip(alpha, beta):
-            row = np.zeros(size)
-            row[j], row[nf + ns + 1 + j] = -be / err_scale, 1.0
-            A.append(row)
-            b.append(-al / err_scale)
-    A, b = np.array(A), np.array(b)
-    lin_bw = np.concatenate([np.zeros(nf), -np.ones(ns), [0.0], np.zeros(nf)])
-    lin_err = np.concatenate([np.zeros(nf + ns + 1), -np.ones(nf)])
-    constraints = [
-        {"type": "ineq", "fun": fin_cons, "jac": fin_jac},
-        {"type": "ineq", "fun": lambda x: 1.0 + lin_bw @ x, "jac": lambda x: lin_bw[None, :]},
-        {"type": "ineq", "fun": lambda x: links.E / err_scale + lin_err @ x, "jac": lambda x: lin_err[None, :]},
-        {"type": "ineq", "fun": lambda x: A @ x + b, "jac": lambda x: A},
-    ]
-    _, b0 = _device_phase(c, rho0, links)
-    x0 = np.concatenate([rho0[fi], b0[si] / links.B, [1.0], links.error(rho0)[fi] / err_scale])
-    bounds = ([(float(links.lo[u]), 1.0) for u in fi] + [(0.0, 1.0)] * ns + [(float(np.max(c)) / T0, 1.0)]
-              + [(0.0, None)] * nf)
-    objective = np.zeros(size)
-    objective[nf + ns] = 1.0
-    res = minimize(lambda x: x[nf + ns], x0, jac=lambda x: objective, method="SLSQP", bounds=bounds,
-                   constraints=constraints, options={"maxiter": 300, "ftol": 1e-12})
-    if not np.all(np.isfinite(res.x)):
-        return None
-    rho = rho0.copy()
-    rho[fi] = res.x[:nf]
-    return rho
 
 
 # ----------------------------------------------------------------------------------------------- depths
