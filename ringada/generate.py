@@ -172,19 +172,19 @@ def read_prompts(texts: list[str], path: str | None) -> list[str | list[int]]:
         if not file.is_file():
             raise ConfigError(f"--prompts: got {path!r}; no such file")
         if file.suffix == ".jsonl":
-            for n, line in enumerate(file.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"--prompts: {path} line {n} is not JSON ({e})") from None
-                if isinstance(row, dict) and isinstance(row.get("text"), str):
+            from .data import read_jsonl
+
+            try:
+                rows = read_jsonl(file, "--prompts")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            for n, row in enumerate(rows, 1):
+                if isinstance(row.get("text"), str):
                     prompts.append(row["text"])
-                elif isinstance(row, dict) and isinstance(row.get("input_ids"), list) and row["input_ids"]:
+                elif isinstance(row.get("input_ids"), list) and row["input_ids"]:
                     prompts.append([int(t) for t in row["input_ids"]])
                 else:
-                    raise ConfigError(f"--prompts: {path} line {n} has neither a 'text' string nor a non-empty "
+                    raise ConfigError(f"--prompts: {path}: row {n} has neither a 'text' string nor a non-empty "
                                       "'input_ids' list")
         else:
             prompts += [line for line in file.read_text().splitlines() if line.strip()]

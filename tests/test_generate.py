@@ -88,7 +88,10 @@ def test_read_prompts_and_option_errors(tmp_path):
         read_prompts([], None)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"label": 1}) + "\n")
-    with pytest.raises(ConfigError, match="line 1"):
+    with pytest.raises(ConfigError, match="bad.jsonl:1: expected an object with 'text' or 'input_ids'"):
+        read_prompts([], str(bad))
+    bad.write_text(json.dumps({"input_ids": []}) + "\n")
+    with pytest.raises(ConfigError, match="row 1 has neither"):
         read_prompts([], str(bad))
     with pytest.raises(ConfigError, match="--top-p"):
         GenerateOptions(top_p=0).check()
