@@ -190,43 +190,45 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     if args.command == "generate":
-        from pathlib import Path
-
-        from .comm import PeerError
-        from .generate import GenerateOptions, generate, read_prompts
-
-        try:
-            opts = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                                   in_flight=args.in_flight)
-            # only rank 0 reads the prompts (the other boxes need not have the file)
-            prompts = read_prompts(args.prompt, args.prompts) if rank == 0 else None
-            generate(cfg, args.adapter or Path(cfg.run.out_dir) / "adapter", prompts, opts, args.out, echo=True)
-        except (config_mod.ConfigError, ValueError, FileNotFoundError) as e:
-            print(f"ringada: error: {e}", file=sys.stderr)
-            return 2
-        except PeerError as e:
-            print(f"ringada: error: {e}", file=sys.stderr)
-            return 1
-        return 0
+        return _exit_code(lambda: _generate(cfg, args, rank))
     if args.command == "train":
-        from .comm import PeerError
-        from .driver import NonFiniteError
         from .launch import train
 
-        try:
-            train(cfg)
-        except (config_mod.ConfigError, ValueError, FileNotFoundError) as e:
-            print(f"ringada: error: {e}", file=sys.stderr)
-            return 2
-        except NonFiniteError as e:
-            print(f"ringada: stopped: {e}", file=sys.stderr)
-            return 3
-        except PeerError as e:  # a peer died or went silent: torchrun --max-restarts restarts from a checkpoint
-            print(f"ringada: error: {e}", file=sys.stderr)
-            return 1
-        return 0
+        return _exit_code(lambda: train(cfg))
     return 2
+
+
+def _exit_code(run) -> int:
+    """Run a distributed command; its failures become the exit codes torchrun and users act on: 2 a setting
+    or input to fix, 3 a non-finite stop (the checkpoint holds the last finite state), 1 a lost or silent peer
+    (torchrun --max-restarts restarts from a checkpoint)."""
+    from .comm import PeerError
+    from .driver import NonFiniteError
+
+    try:
+        run()
+    except (config_mod.ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"ringada: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"ringada: stopped: {e}", file=sys.stderr)
+        return 3
+    except PeerError as e:
+        print(f"ringada: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _generate(cfg, args, rank: int) -> None:
+    from pathlib import Path
+
+    from .generate import GenerateOptions, generate, read_prompts
+
+    opts = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, in_flight=args.in_flight)
+    # only rank 0 reads the prompts (the other boxes need not have the file)
+    prompts = read_prompts(args.prompt, args.prompts) if rank == 0 else None
+    generate(cfg, args.adapter or Path(cfg.run.out_dir) / "adapter", prompts, opts, args.out, echo=True)
 
 
 def _print_plan(cfg, args) -> int:
