@@ -242,6 +242,8 @@ def main() -> int:
     p.add_argument("--no-compare", dest="compare", action="store_false",
                    help="skip the uninterrupted runs that check bit-identity (halves the time)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds any wait of the script may take")
+    p.add_argument("--star-mode", choices=("sfl", "sft"), default="sfl",
+                   help="the server discipline of the star drills (default sfl)")
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -267,7 +269,8 @@ def main() -> int:
                           "run.eval_batches=1"]
         args.checkpoint_every, args.kill_after, args.kill_after_rounds, args.silent_timeout = 2, 3, 1, 60
     args.ring_config = str(REPO / "configs" / "ring_smollm2.yaml")
-    args.star_config = str(REPO / "configs" / "sfl_smollm2.yaml")
+    args.star_config = str(REPO / "configs" / f"{args.star_mode}_smollm2.yaml")
+    args.star_sets = args.star_sets + [f"pipeline.mode={args.star_mode}"]
     args.local_steps = 2
     results = []
     for name in args.drills:
