@@ -62,6 +62,8 @@ was sent first, so it has arrived by then and nobody waits longer.
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,7 +76,7 @@ __all__ = [
     "PlanError", "DeadlockError",
     "Stage", "Action", "Message", "Plan",
     "build_stages", "does_backward", "stage_order", "build_schedule",
-    "simulate", "trainable_blocks", "frontier_of",
+    "simulate", "simulate_shared", "trainable_blocks", "frontier_of",
 ]
 
 RING = "ring"
@@ -702,6 +704,175 @@ def simulate(
     """
     finish, busy, idle = _execute(plan.actions, cost, link_cost)
     return {"finish": finish, "busy": busy, "idle": idle, "makespan": max(finish, default=0.0)}
+
+
+def simulate_shared(
+    actions: Sequence[Sequence[Action]] | Plan,
+    cost: Callable[[Action], float],
+    link_cost: Callable[[Action], float] | None = None,
+    *,
+    cores: int | None = None,
+    slowdown: Sequence[float] | None = None,
+    msg_cost: Callable[[Action], float] | None = None,
+) -> dict:
+    """Time per-rank action lists whose ranks share the cores of one box, as emulated runs do.
+
+    ``actions`` are a plan's lists (or the :class:`Plan`) or hand-built ones;
+    each rank runs its list strictly in order, and sends and receives match by
+    transfer as in :func:`simulate`.  ``cost(a)`` is the CPU seconds of an
+    ``F`` or ``B`` on an uncontended core of this machine, ``msg_cost(a)``
+    (default 0) those of a send or receive itself (copying; a receive's part
+    runs once its message has arrived), and ``link_cost(send)`` the wire delay
+    from the end of the send to the moment the receive can complete.
+
+    ``cores``: None gives every rank a core of its own; an int shares them:
+    the ``k`` ranks holding CPU work at a moment each progress at
+    ``min(1, cores / k)`` (processor sharing, rates change at every start and
+    end).  ``slowdown[r]`` (default 0) mirrors ``runtime._emulate``: after a
+    compute action of rank ``r`` that took wall time ``D`` (contention
+    included), the rank sleeps ``D * slowdown[r]`` holding no core.
+
+    Returns ``{"finish", "busy", "cpu", "idle", "makespan", "utilization"}``:
+    per rank the finish time, the wall time in compute (its sleeps and message
+    CPU included), the CPU seconds and the time blocked in receives, then the
+    makespan and the CPU over ``(cores or ranks) x makespan``.  Without
+    sharing, slowdown or message cost it gives exactly :func:`simulate`'s
+    numbers.  Raises :class:`DeadlockError` if the lists cannot complete.
+    O(actions x log ranks): CPU work is tracked in virtual time (the work a
+    rank that held CPU all along would have done), so a change of rates
+    touches no task.
+    """
+    if isinstance(actions, Plan):
+        actions = actions.actions
+    n = len(actions)
+    if cores is not None:
+        _check_int("cores", cores, lo=1)
+    slow = [0.0] * n if slowdown is None else [float(s) for s in slowdown]
+    if len(slow) != n or not all(s >= 0 for s in slow):
+        raise ValueError(f"slowdown must hold one value >= 0 per rank ({n}), got {slowdown!r}")
+
+    def checked(fn: Callable[[Action], float] | None, a: Action, name: str) -> float:
+        value = 0.0 if fn is None else fn(a)
+        if not value >= 0:
+            raise ValueError(f"{name}({a}) must be >= 0, got {value!r}")
+        return value
+
+    free, cpu_task, blocked, asleep = 0, 1, 2, 3  # what each rank is doing at its current action
+    pc, state = [0] * n, [free] * n
+    finish, busy, cpu, idle = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+    began, work, epoch_at = [0.0] * n, [0.0] * n, [0] * n
+    arrival: dict[tuple[str, int, int], float] = {}
+    waiting: dict[tuple[str, int, int], list[int]] = {}
+    tasks: list[tuple[float, int, int]] = []  # (virtual finish, seq, rank) of the CPU work in progress
+    timers: list[tuple[float, int, int]] = []  # (time, seq, rank): a sleep ends or a message arrives
+    ready = deque(range(n))
+    # virtual time = now - lag; lag grows only while tasks run below rate 1, so it stays exactly 0 (and every
+    # end exactly start + work) without sharing; epoch counts the stretches below rate 1
+    now, lag, epoch, seq = 0.0, 0.0, 0, 0
+
+    def start_cpu(r: int, w: float) -> bool:
+        nonlocal seq
+        if w <= 0:
+            return False
+        began[r], work[r], epoch_at[r], state[r] = now, w, epoch, cpu_task
+        heapq.heappush(tasks, ((now - lag) + w, seq, r))
+        seq += 1
+        return True
+
+    def wait_until(r: int, t: float) -> None:
+        nonlocal seq
+        heapq.heappush(timers, (t, seq, r))
+        seq += 1
+
+    def post(a: Action) -> None:
+        key = _msg_key(a)
+        arrival[key] = now + checked(link_cost, a, "link_cost")
+        for w in waiting.pop(key, ()):
+            wait_until(w, arrival[key])
+
+    def next_action(r: int) -> None:
+        pc[r], state[r] = pc[r] + 1, free
+        ready.append(r)
+
+    def advance(r: int) -> None:
+        """Run rank ``r`` from its current action until it takes CPU, blocks, sleeps or is done."""
+        acts = actions[r]
+        while pc[r] < len(acts):
+            a = acts[pc[r]]
+            if a.kind in _RECVS:
+                avail = arrival.get(_msg_key(a))
+                if avail is None or avail > now:
+                    state[r], began[r] = blocked, now
+                    if avail is None:
+                        waiting.setdefault(_msg_key(a), []).append(r)
+                    else:
+                        wait_until(r, avail)
+                    return
+                if start_cpu(r, checked(msg_cost, a, "msg_cost")):
+                    return
+            elif a.kind in _SENDS:
+                if start_cpu(r, checked(msg_cost, a, "msg_cost")):
+                    return
+                post(a)
+            elif start_cpu(r, checked(cost, a, "cost")):
+                return
+            pc[r] += 1
+        finish[r] = now
+
+    def cpu_done(r: int) -> None:
+        a = actions[r][pc[r]]
+        wall = work[r] if epoch_at[r] == epoch else now - began[r]
+        busy[r] += wall
+        cpu[r] += work[r]
+        if a.kind in _SENDS:
+            post(a)
+        elif a.kind in COMPUTE_KINDS and slow[r] > 0:
+            nap = wall * slow[r]
+            busy[r] += nap
+            state[r] = asleep
+            wait_until(r, now + nap)
+            return
+        next_action(r)
+
+    def timer_done(r: int) -> None:
+        if state[r] == blocked:  # the message has arrived: the receive's own CPU part, if any
+            idle[r] += now - began[r]
+            state[r] = free
+            if start_cpu(r, checked(msg_cost, actions[r][pc[r]], "msg_cost")):
+                return
+        next_action(r)
+
+    while True:
+        while ready:
+            advance(ready.popleft())
+        rate = 1.0 if cores is None or len(tasks) <= cores else cores / len(tasks)
+        t_cpu = math.inf
+        if tasks:
+            vmin = tasks[0][0]
+            t_cpu = max(now, vmin + lag if rate == 1.0 else now + (vmin - (now - lag)) / rate)
+        t_timer = timers[0][0] if timers else math.inf
+        if t_cpu == math.inf and t_timer == math.inf:
+            break
+        t_next = min(t_cpu, t_timer)
+        if rate < 1.0 and t_next > now:
+            lag += (1.0 - rate) * (t_next - now)
+            epoch += 1
+        now = t_next
+        if t_cpu <= t_timer:
+            done_by = max(vmin, now - lag)
+            while tasks and tasks[0][0] <= done_by:
+                cpu_done(heapq.heappop(tasks)[2])
+        while timers and timers[0][0] <= now:
+            timer_done(heapq.heappop(timers)[2])
+
+    stuck = [r for r in range(n) if pc[r] < len(actions[r])]
+    if stuck:
+        detail = "; ".join(f"rank {r} waits at action {pc[r]} ({actions[r][pc[r]]})" for r in stuck)
+        raise DeadlockError(f"deadlock: {detail}")
+    makespan = max(finish, default=0.0)
+    capacity = (cores or n) * makespan
+    return {"finish": finish, "busy": busy, "cpu": cpu, "idle": idle, "makespan": makespan,
+            "utilization": sum(cpu) / capacity if capacity else 0.0}
 
 
 # ----------------------------------------------------------------- frontier

@@ -1,10 +1,17 @@
 """Discrete-event simulation of a run from the same plans the runtime executes, with profile costs.
 
 Ring / line: every step's per-rank action lists (``schedule.build_schedule`` with that step's frontier) are run
-by ``schedule.simulate``: compute actions take the measured per-block costs (``costs.py``) divided by the rank's
-speed from the profile; a message takes the link's latency plus its bytes over the bandwidth. Star: each device
-step is release (device forward + uplink), server time, tail (downlink + device backward), ordered by the
-server's scheduling policy (`sfl`) or served as one batch (`sft`).
+by ``schedule.simulate_shared``. A compute action costs the measured per-block CPU seconds (``costs.py``); a rank
+slower than this machine then sleeps the rest, as the emulation does (``runtime.emulated_slowdown``), and a
+faster one computes faster (which no emulation can show). A message takes the link's latency plus its bytes over
+the bandwidth. Star: one local step of every device as action lists (:func:`star_step_actions`) in the server's
+order (`sfl`) or served as one batch (`sft`), through the same simulator, as star.emulate runs it (a device or
+server faster than this machine counts as this machine).
+
+Ranks started on one box share its cores: ``cores`` runs them under processor sharing (None: a core per rank), and
+an emulated slow rank's sleep holds no core but is stretched with the compute it follows. ``msg_cost_per_byte``
+charges each send and each receive that many CPU seconds per message byte (header included, the count the
+summary's bytes use), for the copying a message costs on this machine.
 
 The output has the fields of a real run's summary.json (mode, world_size, steps, tokens_per_s, wall_s and per-rank
 fwd_s / bwd_s / wait_s / bytes), so a prediction can be set beside a measurement.
@@ -13,16 +20,17 @@ fwd_s / bwd_s / wait_s / bytes), so a prediction can be set beside a measurement
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import schedule as sched
 from .comm import HEADER_BYTES
 from .config import Config
 from .costs import Costs
-from .federated.scheduling import makespan, server_order
+from .federated.scheduling import server_order
 from .profiles import Profile
+from .runtime import emulated_slowdown
 from .train import trainable_count
-
 
 
 @dataclass
@@ -34,28 +42,40 @@ class RankSpeeds:
         return self.profile.link_seconds(nbytes) if self.profile else 0.0
 
 
-def shared_cores(makespan: float, compute_s: float, cores: int | None) -> float:
-    """A step's time when its ranks share ``cores`` cores of one box (None: a core per rank): no shorter than the
-    event timeline, nor than all of the step's compute spread over every core. ``compute_s`` is the compute at
-    this machine's speed: an emulated slow device sleeps the rest, which takes no core."""
-    return max(makespan, compute_s / cores) if cores else makespan
+def _per_byte(msg_cost_per_byte: float, nbytes):
+    """``msg_cost`` for the simulator: ``msg_cost_per_byte`` CPU seconds per byte of ``nbytes(action)``."""
+    if not msg_cost_per_byte >= 0:
+        raise ValueError(f"msg_cost_per_byte: got {msg_cost_per_byte!r}; expected seconds per byte >= 0")
+    return (lambda a: msg_cost_per_byte * nbytes(a)) if msg_cost_per_byte else None
 
 
 def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: Profile | None = None,
-                      steps: int | None = None, cores: int | None = None) -> dict:
-    """Predicted timings of a ring / line / single run (``steps`` defaults to run.steps; ``cores``: see
-    :func:`shared_cores`)."""
+                      steps: int | None = None, cores: int | None = None, msg_cost_per_byte: float = 0.0) -> dict:
+    """Predicted timings of a ring / line / single run (``steps`` defaults to run.steps; ``cores`` and
+    ``msg_cost_per_byte``: see the module docstring). fwd_s / bwd_s are each rank's compute at its speed without
+    contention, wait_s the rest of its steps (blocked in receives, or done before the step's end), cpu_s the CPU
+    seconds it takes on this machine."""
     world = len(partition)
     mode = "ring" if cfg.pipeline.mode == "ring" else "line"
     L, M, steps = sum(partition), cfg.data.micro_batches, steps or cfg.run.steps
     speeds = [profile.speed(d.gflops) for d in profile.devices] if profile else [1.0] * world
+    # a slower rank computes at this machine's speed and sleeps the rest (the emulation); a faster one is faster
+    slowdown = [emulated_slowdown(s) for s in speeds]
     net = RankSpeeds(speeds, profile)
     rows = [len(range(i, cfg.data.batch_size, M)) for i in range(M)]  # tensor_split sizes, in order
     mb_costs = [costs.scaled(r) for r in rows]
     head_trainable = cfg.model.task == "classification"
-    fwd, bwd, idle = [0.0] * world, [0.0] * world, [0.0] * world
+    fwd, bwd, idle, cpu = [0.0] * world, [0.0] * world, [0.0] * world, [0.0] * world
     sent, recv = [0] * world, [0] * world
     total, step_times, plans = 0.0, [], {}
+
+    def message_bytes(a: sched.Action) -> int:
+        return mb_costs[a.mb].act_bytes + HEADER_BYTES
+
+    def link(a: sched.Action) -> float:
+        return net.link(message_bytes(a))
+
+    msg = _per_byte(msg_cost_per_byte, message_bytes)
     for step in range(steps):
         # where backward stops: the lowest trainable block, or block 0 without early stop
         frontier = L - trainable_count(cfg.unfreeze, L, step, 0, 0) if cfg.pipeline.early_stop else 0
@@ -64,69 +84,126 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
                                                    cfg.pipeline.schedule)
         plan = plans[frontier]
 
-        def cost(a: sched.Action) -> float:
+        def here(a: sched.Action) -> float:
+            """The action's compute on this machine."""
             st, c = plan.stages[a.stage], mb_costs[a.mb]
             if a.kind == sched.F:
                 t = (c.embed_s if st.has_embed else 0.0) + st.num_blocks * c.block_fwd_s
-                t += c.head_fwd_s if st.has_head else 0.0
-            else:
-                trainable = max(0, st.hi - max(st.lo, frontier))
-                t = trainable * c.block_bwd_s + (c.head_bwd_s if st.has_head else 0.0)
-            return t / speeds[st.rank]
+                return t + (c.head_fwd_s if st.has_head else 0.0)
+            trainable = max(0, st.hi - max(st.lo, frontier))
+            return trainable * c.block_bwd_s + (c.head_bwd_s if st.has_head else 0.0)
 
-        def link(a: sched.Action) -> float:
-            return net.link(mb_costs[a.mb].act_bytes + HEADER_BYTES)
+        def cost(a: sched.Action) -> float:
+            return here(a) / max(speeds[plan.stages[a.stage].rank], 1.0)
 
-        result = sched.simulate(plan, cost, link)
-        step_s = shared_cores(result["makespan"], sum(b * v for b, v in zip(result["busy"], speeds)), cores)
+        result = sched.simulate_shared(plan.actions, cost, link, cores=cores, slowdown=slowdown, msg_cost=msg)
+        step_s = result["makespan"]
         step_times.append(step_s)
         total += step_s
         for r, acts in enumerate(plan.actions):
             for a in acts:
                 if a.kind == sched.F:
-                    fwd[r] += cost(a)
+                    fwd[r] += here(a) / speeds[r]
                 elif a.kind == sched.B:
-                    bwd[r] += cost(a)
+                    bwd[r] += here(a) / speeds[r]
                 elif a.kind in (sched.SEND_F, sched.SEND_B):
-                    nbytes = mb_costs[a.mb].act_bytes + HEADER_BYTES
-                    sent[r] += nbytes
-                    recv[a.peer] += nbytes
+                    sent[r] += message_bytes(a)
+                    recv[a.peer] += message_bytes(a)
             idle[r] += step_s - result["busy"][r]
+            cpu[r] += result["cpu"][r]
     tokens = steps * cfg.data.batch_size * cfg.data.seq_len
     ranges = [(sum(partition[:r]), sum(partition[:r + 1])) for r in range(world)]
     return {
         "mode": cfg.pipeline.mode, "world_size": world, "steps": steps, "simulated": True,
         "partition": partition, "schedule": cfg.pipeline.schedule, "micro_batches": M, "cores": cores,
+        "msg_cost_per_byte": msg_cost_per_byte,
         "tokens_per_s": tokens / total if total else math.inf, "wall_s": total, "step_s": total / steps,
-        "step_s_each": step_times,
+        "step_s_each": step_times, "cpu_s_per_step": sum(cpu) / steps,
+        "utilization": sum(cpu) / ((cores or world) * total) if total else 0.0,
         "ranks": [{"rank": r, "blocks": list(ranges[r]), "fwd_s": fwd[r], "bwd_s": bwd[r], "wait_s": idle[r],
-                   "bytes_sent": sent[r], "bytes_recv": recv[r]} for r in range(world)],
+                   "cpu_s": cpu[r], "bytes_sent": sent[r], "bytes_recv": recv[r]} for r in range(world)],
     }
 
 
+STAR_MODES = ("sfl", "sft")
+
+
+def star_step_actions(mode: str, order: Sequence[int], U: int) -> list[list[sched.Action]]:
+    """One local step of ``U`` devices as per-rank action lists: rank 0 is the server, ranks 1..U the devices.
+
+    Device u's own part is stage 2u and the server's part for it stage 2u + 1, so that sends and receives match
+    by transfer (micro-batch 0). As star.py runs them: a device forwards its blocks, sends the activation,
+    waits for the gradient and runs its backward. The `sfl` server serves the devices one at a time in ``order``
+    (receive, upper blocks + head + loss forward, backward, send the gradient); the `sft` server receives every
+    activation first (in ``order``), then runs each device's forward and backward in turn and only then sends the
+    gradients (``Server.serve`` with ``_device_by_device``)."""
+    if mode not in STAR_MODES:
+        raise ValueError(f"mode: got {mode!r}; expected one of {STAR_MODES}")
+    if sorted(order) != list(range(1, U + 1)):
+        raise ValueError(f"order: got {list(order)!r}; expected the device ranks 1..{U}, each once")
+    A = sched.Action
+    actions = [[]] + [[A(sched.F, 2 * u, 0), A(sched.SEND_F, 2 * u, 0, 0), A(sched.RECV_B, 2 * u, 0, 0),
+                       A(sched.B, 2 * u, 0)] for u in range(1, U + 1)]
+    receive = [A(sched.RECV_F, 2 * u + 1, 0, u) for u in order]
+    compute = [[A(sched.F, 2 * u + 1, 0), A(sched.B, 2 * u + 1, 0)] for u in order]
+    send = [A(sched.SEND_B, 2 * u + 1, 0, u) for u in order]
+    if mode == "sfl":
+        actions[0] = [a for r, c, s in zip(receive, compute, send) for a in (r, *c, s)]
+    else:
+        actions[0] = receive + [a for c in compute for a in c] + send
+    return actions
+
+
 def simulate_star_step(mode: str, depths: list[int], num_blocks: int, costs: Costs, profile: Profile,
-                       policy: str = "heuristic", keep_ratio: float = 1.0, cores: int | None = None) -> dict:
-    """Predicted time of one local step of every device in a star round (all devices active; ``cores``: see
-    :func:`shared_cores`)."""
-    U = len(depths)
+                       policy: str = "heuristic", keep_ratio: float = 1.0, cores: int | None = None,
+                       msg_cost_per_byte: float = 0.0) -> dict:
+    """Predicted time of one local step of every device in a star round (all devices active), as the emulation
+    runs it: compute at this machine's speed, a device (or the server) slower than it sleeping the rest (a speed
+    above 1 counts as 1), and every message held for latency + bytes / bandwidth of the uplink (to the server) or
+    the downlink (back), with the whole link to itself, as star.emulate does. ``cores`` and ``msg_cost_per_byte``:
+    see the module docstring.
+
+    `sfl` serves in ``server_order(policy, ...)`` of the release (device forward + uplink), server and tail
+    (downlink + device backward) times each device would take on a core of its own; ``fifo_makespan_s`` is the
+    step in FIFO order. The server sleeps after each compute action of its own (star.py: after all of a serve),
+    which differs only when the server is slower than this machine and shares cores."""
+    U, L = len(depths), num_blocks
     speeds = [profile.speed(d.gflops) for d in profile.devices[:U]] if len(profile.devices) >= U else [1.0] * U
-    server_speed = profile.speed(profile.server_gflops)
-    up_share = profile.uplink_mbps / U  # the uplink is shared by the devices sending at once
-    down_share = profile.downlink_mbps / U
-    act = costs.act_bytes + HEADER_BYTES
-    release, server, tail = [], [], []
-    for d, s in zip(depths, speeds):
-        release.append((costs.embed_s + d * costs.block_fwd_s) / s + profile.link_seconds(act * keep_ratio, up_share))
-        server.append(((num_blocks - d) * (costs.block_fwd_s + costs.block_bwd_s) + costs.head_fwd_s
-                       + costs.head_bwd_s) / server_speed)
-        tail.append(profile.link_seconds(act * keep_ratio, down_share) + d * costs.block_bwd_s / s)
-    compute = sum(server) * server_speed + sum(costs.embed_s + d * (costs.block_fwd_s + costs.block_bwd_s)
-                                               for d in depths)  # at this machine's speed (see shared_cores)
+    slowdown = [emulated_slowdown(profile.speed(profile.server_gflops))] + [emulated_slowdown(s) for s in speeds]
+    work = {}  # stage -> (forward, backward) CPU seconds on this machine
+    for u, d in enumerate(depths, 1):
+        work[2 * u] = (costs.embed_s + d * costs.block_fwd_s, d * costs.block_bwd_s)
+        work[2 * u + 1] = ((L - d) * costs.block_fwd_s + costs.head_fwd_s, (L - d) * costs.block_bwd_s
+                           + costs.head_bwd_s)
+    nbytes = costs.act_bytes * keep_ratio + HEADER_BYTES  # an activation up, its gradient (the same shape) down
+    up, down = profile.link_seconds(nbytes, profile.uplink_mbps), profile.link_seconds(nbytes, profile.downlink_mbps)
+    msg = _per_byte(msg_cost_per_byte, lambda a: nbytes)
+
+    def cost(a: sched.Action) -> float:
+        return work[a.stage][a.kind == sched.B]
+
+    def link(a: sched.Action) -> float:
+        return up if a.kind == sched.SEND_F else down
+
+    def run(order: list[int]) -> dict:
+        return sched.simulate_shared(star_step_actions(mode, order, U), cost, link, cores=cores, slowdown=slowdown,
+                                     msg_cost=msg)
+
+    def out(order: list[int], result: dict) -> dict:
+        return {"makespan_s": result["makespan"], "order": order, "cpu_s": sum(result["cpu"]),
+                "utilization": result["utilization"]}
+
     if mode == "sft":
-        return {"makespan_s": shared_cores(max(release) + sum(server) + max(tail), compute, cores),
-                "order": list(range(1, U + 1))}
-    order = server_order(policy, release, server, tail)
-    fifo = server_order("fifo", release, server, tail)
-    return {"makespan_s": shared_cores(makespan(order, release, server, tail), compute, cores),
-            "order": [u + 1 for u in order],
-            "fifo_makespan_s": shared_cores(makespan(fifo, release, server, tail), compute, cores)}
+        order = list(range(1, U + 1))
+        return out(order, run(order))
+
+    def wall(t: float, rank: int) -> float:  # compute and its sleep on a core of its own
+        return t + t * slowdown[rank]
+
+    release = [wall(work[2 * u][0], u) + up for u in range(1, U + 1)]
+    server = [wall(work[2 * u + 1][0], 0) + wall(work[2 * u + 1][1], 0) for u in range(1, U + 1)]
+    tail = [down + wall(work[2 * u][1], u) for u in range(1, U + 1)]
+    order = [u + 1 for u in server_order(policy, release, server, tail)]
+    fifo = [u + 1 for u in server_order("fifo", release, server, tail)]
+    result = run(order)
+    return {**out(order, result), "fifo_makespan_s": (result if fifo == order else run(fifo))["makespan"]}

@@ -88,10 +88,50 @@ def test_simulator_event_logic_by_hand(tmp_path):
     full = simulate_pipeline(_line_cfg(**{"unfreeze.initial": 0, "unfreeze.every": 10, "pipeline.early_stop": "false"}),
                              [1, 1], _unit_costs())
     assert full["wall_s"] == pytest.approx(9.0)
-    # both ranks on one core: the 12 units of compute run one after another; on two cores the timeline (9) holds
+    # both ranks on one core: the 12 units of compute run one after another; on two cores the timeline (9) holds.
+    # On one core rank 0 computes F0 alone [0, 1], F1 beside rank 1's F0 [1, 3], B0 beside rank 1's B1 [6, 10]
+    # and B1 alone [10, 12]: 9 s computing, 3 s waiting (rank 1 the same)
     one_core = simulate_pipeline(_line_cfg(), [1, 1], _unit_costs(), cores=1)
-    assert one_core["wall_s"] == pytest.approx(12.0) and [r["wait_s"] for r in one_core["ranks"]] == [6.0, 6.0]
-    assert simulate_pipeline(_line_cfg(), [1, 1], _unit_costs(), cores=2)["wall_s"] == pytest.approx(9.0)
+    assert one_core["wall_s"] == pytest.approx(12.0) and [r["wait_s"] for r in one_core["ranks"]] == [3.0, 3.0]
+    assert [r["fwd_s"] for r in one_core["ranks"]] == [2.0, 2.0] and [r["cpu_s"] for r in one_core["ranks"]] == [6, 6]
+    assert one_core["cpu_s_per_step"] == 12.0 and one_core["utilization"] == pytest.approx(1.0)
+    two_cores = simulate_pipeline(_line_cfg(), [1, 1], _unit_costs(), cores=2)
+    assert two_cores["wall_s"] == pytest.approx(9.0) and two_cores["utilization"] == pytest.approx(12 / 18)
+
+
+def test_simulator_pipeline_speeds_sleep_and_message_cost(tmp_path):
+    from ringada import schedule as sched
+    from ringada.comm import HEADER_BYTES
+    from ringada.profiles import load_profile
+    from ringada.sim import simulate_pipeline
+
+    # rank 1 at half speed: with a core per rank, the same timeline as compute / speed on every rank
+    path = tmp_path / "half.yaml"
+    path.write_text("reference_gflops: 2\ndevices:\n  - {gflops: 2, memory_mb: 1}\n  - {gflops: 1, memory_mb: 1}\n"
+                    "links: {uplink_mbps: 1000000, latency_ms: 0}\n")
+    half = load_profile(path)
+    plan = sched.build_schedule("line", [1, 1], 2, 0)
+    ref = sched.simulate(plan, lambda a: (1.0 if a.kind == sched.F else 2.0) * (2.0 if a.stage == 1 else 1.0),
+                         lambda a: half.link_seconds(HEADER_BYTES))
+    result = simulate_pipeline(_line_cfg(), [1, 1], _unit_costs(), half)
+    # r0 F0 [0, 1] F1 [1, 2]; r1 F0 [1, 3] F1 [3, 5] B0 [5, 9] B1 [9, 13]; r0 B0 [9, 11] B1 [13, 15]
+    assert result["wall_s"] == pytest.approx(ref["makespan"]) and ref["makespan"] == pytest.approx(15.0, rel=1e-6)
+    assert [r["fwd_s"] for r in result["ranks"]] == [2.0, 4.0] and [r["cpu_s"] for r in result["ranks"]] == [6, 6]
+    # on one core rank 1 computes at this machine's speed and sleeps as long again, holding no core, but a
+    # compute stretched by sharing stretches its sleep: r0 F0 [0, 1]; r0 F1 and r1 F0 share [1, 3], r1 sleeps
+    # [3, 5]; r1 F1 [5, 6] sleep [6, 7], B0 [7, 9] sleep [9, 11]; r0 B0 and r1 B1 share [11, 15], r1 sleeps 4
+    # [15, 19]; r0 B1 [19, 21]
+    one = simulate_pipeline(_line_cfg(), [1, 1], _unit_costs(), half, cores=1)
+    assert one["wall_s"] == pytest.approx(21.0, rel=1e-6) and one["cpu_s_per_step"] == 12.0
+    assert [r["wait_s"] for r in one["ranks"]] == pytest.approx([21 - 9, 21 - 18], rel=1e-6)
+    # 1 s of CPU per send and per receive (8 messages): line [1, 1], F 1, B 2, no link time. r0: F0 [0, 1], sF0
+    # [1, 2], F1 [2, 3], sF1 [3, 4]; r1: rF0 [2, 3], F0 [3, 4], rF1 [4, 5], F1 [5, 6], B0 [6, 8], sB0 [8, 9], B1
+    # [9, 11], sB1 [11, 12]; r0: rB0 [9, 10], B0 [10, 12], rB1 [12, 13], B1 [13, 15]
+    msg = simulate_pipeline(_line_cfg(), [1, 1], _unit_costs(), msg_cost_per_byte=1 / HEADER_BYTES)
+    assert msg["wall_s"] == pytest.approx(15.0) and [r["cpu_s"] for r in msg["ranks"]] == pytest.approx([10, 10])
+    assert [r["wait_s"] for r in msg["ranks"]] == pytest.approx([5.0, 5.0])
+    with pytest.raises(ValueError, match="msg_cost_per_byte"):
+        simulate_pipeline(_line_cfg(), [1, 1], _unit_costs(), msg_cost_per_byte=-1.0)
 
 
 def test_simulator_scales_to_64_ranks_and_1000_devices():
@@ -120,14 +160,89 @@ def test_star_step_formula_for_sft():
     step = simulate_star_step("sft", [1, 2], 4, _unit_costs(), profile)
     # release: 1/1, 2/0.5 = 4; server: (3*3) + (2*3) = 15; tail: 2/1, 4/0.5 = 8 -> 4 + 15 + 8
     assert step["makespan_s"] == pytest.approx(27.0, rel=1e-6)
-    # sharing one core, the compute at this machine's speed runs in turn: server 15 + device a (1 + 2) + device b
-    # (2 + 4) = 24 (b's emulated slowness is sleep, which takes no core), under the timeline's 27
-    assert simulate_star_step("sft", [1, 2], 4, _unit_costs(), profile, cores=1)["makespan_s"] == pytest.approx(27.0)
+    # sharing one core: the devices' forwards share it until a's ends at 2 (b has done 1 of its 2), b's ends at 3
+    # and b sleeps 3 (its wall time, at half speed); the server gets b's activation at 6 and computes to 21; the
+    # backwards share the core until a's ends at 25 (b has done 2 of its 4), b's ends at 27 and b sleeps 6: 33
+    assert simulate_star_step("sft", [1, 2], 4, _unit_costs(), profile, cores=1)["makespan_s"] == pytest.approx(33.0)
     same = Profile(server_gflops=50, devices=(DeviceSpec("a", 50, 1), DeviceSpec("b", 50, 1)),
                    uplink_mbps=1e9, downlink_mbps=1e9, latency_ms=0)
     # equal speeds: the timeline is 2 + 15 + 4 = 21, and one shared core needs the 24
     assert simulate_star_step("sft", [1, 2], 4, _unit_costs(), same)["makespan_s"] == pytest.approx(21.0, rel=1e-6)
     assert simulate_star_step("sft", [1, 2], 4, _unit_costs(), same, cores=1)["makespan_s"] == pytest.approx(24.0)
+
+
+
+def test_star_step_actions_mirror_the_server():
+    from ringada import schedule as sched
+    from ringada.sim import star_step_actions
+
+    def text(acts):
+        return " ".join(str(a) for a in acts)
+
+    sfl = star_step_actions("sfl", [2, 1], 2)
+    assert text(sfl[0]) == "rF5.0<2 F5.0 B5.0 sB5.0>2 rF3.0<1 F3.0 B3.0 sB3.0>1"
+    assert [text(acts) for acts in sfl[1:]] == ["F2.0 sF2.0>0 rB2.0<0 B2.0", "F4.0 sF4.0>0 rB4.0<0 B4.0"]
+    sft = star_step_actions("sft", [1, 2], 2)
+    assert text(sft[0]) == "rF3.0<1 rF5.0<2 F3.0 B3.0 F5.0 B5.0 sB3.0>1 sB5.0>2" and sft[1:] == sfl[1:]
+    for mode in ("sfl", "sft"):  # every send has its receive and the lists run to the end
+        assert sched.simulate_shared(star_step_actions(mode, [3, 1, 2], 3), lambda a: 1.0)["makespan"] > 0
+    with pytest.raises(ValueError, match="expected the device ranks 1..2"):
+        star_step_actions("sfl", [0, 1], 2)
+    with pytest.raises(ValueError, match="mode"):
+        star_step_actions("ring", [1], 1)
+
+
+def test_star_sfl_step_is_the_schedulers_makespan():
+    """With a core per rank and no message cost the simulated sfl step is exactly the scheduling model's
+    makespan: release = device forward + uplink, server time, tail = downlink + device backward."""
+    import itertools
+
+    from ringada import schedule as sched
+    from ringada.comm import HEADER_BYTES
+    from ringada.federated.scheduling import makespan
+    from ringada.profiles import DeviceSpec, Profile
+    from ringada.sim import simulate_star_step, star_step_actions
+
+    dev_f, dev_b, srv_f, srv_b = [1.0, 4.0, 0.5, 2.0], [2.0, 0.5, 3.0, 1.0], [1.5, 0.5, 2.0, 1.0], [1.0, 2.5, 0.5, 3.0]
+    up, down = [0.25, 1.0, 0.5, 0.0], [0.5, 0.25, 2.0, 1.0]
+    release = [f + u for f, u in zip(dev_f, up)]
+    server = [f + b for f, b in zip(srv_f, srv_b)]
+    tail = [d + b for d, b in zip(down, dev_b)]
+
+    def cost(a):
+        u, own = divmod(a.stage, 2)
+        return ((srv_f, srv_b) if own else (dev_f, dev_b))[a.kind == sched.B][u - 1]
+
+    def link(a):
+        return (up if a.kind == sched.SEND_F else down)[a.stage // 2 - 1]
+
+    for order in itertools.permutations(range(4)):
+        actions = star_step_actions("sfl", [u + 1 for u in order], 4)
+        assert sched.simulate_shared(actions, cost, link)["makespan"] == makespan(order, release, server, tail)
+    # the same through simulate_star_step, slow devices (their sleep) and links included
+    profile = Profile(server_gflops=50, devices=(DeviceSpec("a", 25, 1), DeviceSpec("b", 50, 1),
+                                                 DeviceSpec("c", 10, 1)),
+                      uplink_mbps=8, downlink_mbps=16, latency_ms=100)
+    costs = _unit_costs(act_bytes=1_000_000, head_fwd_s=0.5, head_bwd_s=1.0, embed_s=0.25)
+    depths, L, speeds = [1, 3, 2], 5, [0.5, 1.0, 0.2]
+    nbytes = costs.act_bytes + HEADER_BYTES
+    release = [(0.25 + d) / s + 0.1 + nbytes * 8 / 8e6 for d, s in zip(depths, speeds)]
+    server = [(L - d) * 3 + 1.5 for d in depths]
+    tail = [0.1 + nbytes * 8 / 16e6 + 2 * d / s for d, s in zip(depths, speeds)]
+    for policy in ("fifo", "heuristic", "optimal"):
+        step = simulate_star_step("sfl", depths, L, costs, profile, policy)
+        order = [u - 1 for u in step["order"]]
+        assert step["makespan_s"] == pytest.approx(makespan(order, release, server, tail))
+        assert step["fifo_makespan_s"] == pytest.approx(makespan(sorted(range(3), key=lambda u: release[u]), release,
+                                                                 server, tail))
+    optimal = simulate_star_step("sfl", depths, L, costs, profile, "optimal")
+    assert optimal["makespan_s"] <= optimal["fifo_makespan_s"] + 1e-9
+    # one shared core can only be slower; message CPU only adds
+    assert simulate_star_step("sfl", depths, L, costs, profile, "optimal", cores=1)["makespan_s"] >= \
+        optimal["makespan_s"]
+    costly = simulate_star_step("sfl", depths, L, costs, profile, "optimal", msg_cost_per_byte=1e-7)
+    assert costly["cpu_s"] == pytest.approx(optimal["cpu_s"] + 4 * 3 * nbytes * 1e-7)
+    assert costly["makespan_s"] > optimal["makespan_s"]
 
 
 def test_emulation_delay_arithmetic():

@@ -22,6 +22,7 @@ from ringada.schedule import (
     does_backward,
     frontier_of,
     simulate,
+    simulate_shared,
     stage_order,
     trainable_blocks,
 )
@@ -463,6 +464,130 @@ def test_simulate_accounts_busy_plus_idle_and_rejects_negative_cost():
     assert res["busy"][1] == pytest.approx(4 * (1.0 + 2.5))
     with pytest.raises(ValueError, match="must be >= 0"):
         simulate(plan, lambda a: -1.0)
+
+
+# ------------------------------------------------------- shared simulation
+
+
+def _random_costs(plan, seed):
+    """Per-action costs and link delays that differ everywhere (ties hide ordering mistakes)."""
+    import random
+
+    rng = random.Random(seed)
+    table = {(a.kind, a.stage, a.mb): rng.uniform(0.1, 2.0) for acts in plan.actions for a in acts}
+    return (lambda a: table[(a.kind, a.stage, a.mb)]), (lambda a: 0.3 * table[(a.kind, a.stage, a.mb)])
+
+
+@pytest.mark.parametrize("mode,parts,m_count,frontier,schedule", [
+    ("line", [1, 1], 2, 0, "gpipe"), ("line", [2, 1, 3], 5, 2, "1f1b"), ("line", [1, 0, 2, 1], 3, 0, "gpipe"),
+    ("ring", [1, 1], 1, 0, "gpipe"), ("ring", [0, 2, 3], 4, 1, "1f1b"), ("ring", [2, 1, 1, 3], 6, 4, "1f1b"),
+    ("ring", [1, 2, 2], 3, 5, "gpipe"),
+])
+def test_simulate_shared_without_sharing_is_simulate(mode, parts, m_count, frontier, schedule):
+    plan = build_schedule(mode, parts, m_count, frontier, schedule=schedule)
+    for seed in range(3):
+        cost, link = _random_costs(plan, seed)
+        ref = simulate(plan, cost, link)
+        # a core per rank, or at least as many cores as ranks: the same numbers, bit for bit
+        for cores in (None, plan.num_ranks, plan.num_ranks + 3):
+            got = simulate_shared(plan.actions, cost, link, cores=cores)
+            assert {k: got[k] for k in ref} == ref
+            assert got["cpu"] == got["busy"]
+    ref, got = simulate(plan, unit), simulate_shared(plan, unit)  # a Plan works as well as its lists
+    assert {k: got[k] for k in ref} == ref and got["cpu"] == ref["busy"]
+    assert got["utilization"] == pytest.approx(sum(ref["busy"]) / (plan.num_ranks * ref["makespan"]))
+
+
+def test_simulate_shared_splits_cores_between_independent_ranks():
+    two = [[Action(F, 0, 0)], [Action(F, 1, 0)]]
+    one_core = simulate_shared(two, unit, cores=1)
+    assert one_core == {"finish": [2.0, 2.0], "busy": [2.0, 2.0], "cpu": [1.0, 1.0], "idle": [0.0, 0.0],
+                        "makespan": 2.0, "utilization": 1.0}
+    assert simulate_shared(two, unit, cores=2)["finish"] == [1.0, 1.0]
+    # rank 0 leaves after 1 unit of work at rate 1/2; rank 1 then has the core to itself for its last 2 units
+    uneven = simulate_shared(two, lambda a: 1.0 if a.stage == 0 else 3.0, cores=1)
+    assert uneven["finish"] == [2.0, 4.0] and uneven["busy"] == [2.0, 4.0] and uneven["cpu"] == [1.0, 3.0]
+
+
+def test_simulate_shared_pipeline_on_two_cores_by_hand():
+    # rank 0 computes 2 and sends to rank 1; rank 1 computes 1, then 1 on what it received; rank 2 computes 3.
+    actions = [[Action(F, 0, 0), Action(SEND_F, 0, 0, 1)],
+               [Action(F, 1, 1), Action(RECV_F, 1, 0, 0), Action(F, 1, 0)],
+               [Action(F, 2, 0)]]
+    work = {(0, 0): 2.0, (1, 1): 1.0, (1, 0): 1.0, (2, 0): 3.0}
+
+    def cost(a):
+        return work[(a.stage, a.mb)]
+
+    # one core each: rank 1 waits for rank 0 from 1 to 2
+    alone = simulate_shared(actions, cost)
+    assert alone["finish"] == [2.0, 3.0, 3.0] and alone["idle"] == [0.0, 1.0, 0.0]
+    # two cores: three ranks at rate 2/3 until rank 1's first unit ends at 1.5 (ranks 0 and 2 have done 1 each);
+    # then rate 1: rank 0 ends at 2.5 and rank 1 receives, both rank 1 and rank 2 end at 3.5
+    shared = simulate_shared(actions, cost, cores=2)
+    assert shared["finish"] == pytest.approx([2.5, 3.5, 3.5])
+    assert shared["busy"] == pytest.approx([2.5, 2.5, 3.5]) and shared["idle"] == pytest.approx([0.0, 1.0, 0.0])
+    assert shared["cpu"] == [2.0, 2.0, 3.0] and shared["utilization"] == pytest.approx(1.0)  # both cores busy
+    # a real plan: line [1, 1], 2 micro-batches, unit costs, on one core (12 units of work, never idle together)
+    plan = build_schedule("line", [1, 1], 2, frontier=0)
+    one = simulate_shared(plan, unit, cores=1)
+    assert one["makespan"] == pytest.approx(8.0) and one["utilization"] == pytest.approx(1.0)
+    assert simulate(plan, unit)["makespan"] == 6.0
+
+
+def test_simulate_shared_slowdown_sleeps_without_a_core():
+    single = [[Action(F, 0, 0)]]
+    assert simulate_shared(single, unit, slowdown=[3.0]) == {
+        "finish": [4.0], "busy": [4.0], "cpu": [1.0], "idle": [0.0], "makespan": 4.0, "utilization": 0.25}
+    two = [[Action(F, 0, 0)], [Action(F, 1, 0)]]
+    # sharing one core, rank 0's unit of work takes 2 s of wall time, so its sleep stretches to 6 s
+    assert simulate_shared(two, unit, cores=1, slowdown=[3.0, 0.0])["finish"] == pytest.approx([8.0, 2.0])
+    # rank 0 sleeps from 2 to 4 holding no core: rank 1 runs its last 2 units at full rate meanwhile
+    long = simulate_shared(two, lambda a: 1.0 if a.stage == 0 else 3.0, cores=1, slowdown=[1.0, 0.0])
+    assert long["finish"] == pytest.approx([4.0, 4.0]) and long["cpu"] == [1.0, 3.0]
+
+
+def test_simulate_shared_message_cost_on_both_ends():
+    actions = [[Action(F, 0, 0), Action(SEND_F, 0, 0, 1)], [Action(RECV_F, 1, 0, 0), Action(F, 1, 0)]]
+
+    def msg(a):
+        assert a.kind in (SEND_F, RECV_F)
+        return 0.5
+
+    # rank 0: F [0, 1], send [1, 1.5]; the message lands at 1.75; rank 1: receive [1.75, 2.25], F [2.25, 3.25]
+    res = simulate_shared(actions, unit, lambda a: 0.25, msg_cost=msg)
+    assert res["finish"] == [1.5, 3.25] and res["busy"] == [1.5, 1.5] and res["cpu"] == [1.5, 1.5]
+    assert res["idle"] == [0.0, 1.75]
+    # the emulation sleeps after compute only: a send is not stretched
+    slow = simulate_shared(actions, unit, lambda a: 0.25, msg_cost=msg, slowdown=[1.0, 1.0])
+    assert slow["finish"] == [2.5, 5.25] and slow["busy"] == [2.5, 2.5] and slow["cpu"] == [1.5, 1.5]
+
+
+def test_simulate_shared_detects_deadlock_and_rejects_bad_arguments():
+    plan = build_schedule("line", [1, 1], 1, frontier=0)
+    acts = list(plan.actions[0])
+    crossed = [[acts[2], acts[0], acts[1], acts[3]], plan.actions[1]]
+    for cores in (None, 1):
+        with pytest.raises(DeadlockError, match=r"deadlock: rank 0 waits at action 0 \(rB0.0<1\); rank 1 waits"):
+            simulate_shared(crossed, unit, cores=cores)
+    with pytest.raises(ValueError, match="cost.* must be >= 0"):
+        simulate_shared(plan, lambda a: -1.0)
+    with pytest.raises(ValueError, match="msg_cost.* must be >= 0"):
+        simulate_shared(plan, unit, msg_cost=lambda a: float("nan"))
+    with pytest.raises(ValueError, match="cores must be >= 1"):
+        simulate_shared(plan, unit, cores=0)
+    with pytest.raises(ValueError, match="slowdown must hold one value >= 0 per rank"):
+        simulate_shared(plan, unit, slowdown=[0.0])
+
+
+def test_simulate_shared_accounts_finish_as_busy_plus_idle_under_sharing():
+    plan = build_schedule("ring", [0, 2, 3], 4, frontier=1, schedule="1f1b")
+    cost, link = _random_costs(plan, 7)
+    res = simulate_shared(plan, cost, link, cores=2, slowdown=[0.0, 1.5, 0.25], msg_cost=lambda a: 0.01)
+    for r in range(plan.num_ranks):
+        assert res["finish"][r] == pytest.approx(res["busy"][r] + res["idle"][r])
+    assert res["makespan"] >= simulate(plan, cost, link)["makespan"]
+    assert res["makespan"] >= sum(res["cpu"]) / 2 - 1e-9 and 0 < res["utilization"] <= 1
 
 
 # ---------------------------------------------------------------- frontier
