@@ -204,6 +204,10 @@ class StarConfig:
     """Mean dwell time in seconds (mobility exponential/uniform)."""
     ucb_c: float = 1.0
     """selection=ucb: exploration weight."""
+    recompute: bool = False
+    """The server keeps only the input of each of its blocks and runs the block again in the backward
+    (activation checkpointing): its activations shrink from every server block's to one block's, for one more
+    forward of its blocks. The same adapters are learned."""
     server_copies: bool = False
     """sfl baseline: the server keeps a separate copy of its blocks per device (what memory-efficient SFL
     avoids), to measure the memory it saves."""
@@ -212,6 +216,11 @@ class StarConfig:
     scipy.optimize, minimizing the modelled round delay; overrides device_blocks and compress.topk."""
     profile: str | None = None
     """Device/link profile YAML (configs/profiles/): compute speed and memory budget per device, bandwidths."""
+    emulate: bool = False
+    """Emulate star.profile on this machine: each device's compute (and the server's) is stretched to its speed
+    (a sleep of (1/speed - 1) x the measured time; speeds above this machine's count as 1), and every message is
+    held for the link's latency + bytes / bandwidth (uplink towards the server, downlink back) after it was
+    sent. Each message gets the whole link: devices sending at once do not share it."""
     error_budget: float = 1.0
     """star.allocate with top-k only (compress.bits 0): budget on the sum over devices of the dropped activation
     fraction (1 - keep ratio)."""
@@ -575,6 +584,9 @@ def validate(cfg: Config) -> None:
         _require(pipe.mode == "sft", f"star.allocate: got true with pipeline.mode={pipe.mode!r}; allocation plans "
                                      "the parallel sft round (use mode sft)")
         _require(star.profile is not None, "star.profile: got null; star.allocate needs a device profile, e.g. "
+                                           "configs/profiles/edge4.yaml")
+    if star.emulate:
+        _require(star.profile is not None, "star.profile: got null; star.emulate needs a device profile, e.g. "
                                            "configs/profiles/edge4.yaml")
     if star.server_copies:
         _require(pipe.mode == "sfl", f"star.server_copies: got true with pipeline.mode={pipe.mode!r}; the "

@@ -65,8 +65,8 @@ from .federated.shards import shard_rows
 from .memory import memory_model
 from .models import load_model, num_blocks_of, parameter_counts, read_config, resolve_model_dir
 from .profiles import load_profile
-from .runtime import base_dtype, decode_row, rank_row
-from .train import eval_record, load_run_data, make_optimizer, peak_rss_bytes, run_blocks
+from .runtime import base_dtype, decode_row, emulated_slowdown, rank_row
+from .train import eval_record, load_run_data, make_optimizer, peak_rss_bytes, rss_bytes, run_blocks
 from .train import head_loss as head_loss_sum
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,7 @@ class Link:
         self.outgoing = DOWN if at_server else UP
         self.plan: deque[Msg] = deque()
         self.lost = False  # the server gave up on this link (an error or a timeout): it is never used again
+        self.last_bytes = 0
 
     def follow(self, plan: list[Msg]) -> None:
         self.plan.extend(plan)
@@ -235,6 +236,7 @@ class Link:
         return out
 
     def _count(self, name: str, step: int, tensor: torch.Tensor, travelled: torch.Tensor) -> None:
+        self.last_bytes = travelled.numel() * travelled.element_size()  # the last smashed message, either way
         if step >= 0:
             entry = self.smashed.setdefault(name, [0, 0, 0])
             entry[0] += 1
@@ -391,6 +393,27 @@ def plan_allocation(cfg: Config, devices: int) -> tuple[Allocation, list[tuple[i
 # ------------------------------------------------------------------------------------------------ start-up
 
 
+def emulated_links(cfg: Config, devices: int):
+    """star.emulate: (uplink delay, downlink delay) functions of a message's bytes, after checking that
+    star.profile describes this run's devices."""
+    profile = load_profile(cfg.star.profile)
+    if len(profile.devices) != devices:
+        raise ConfigError(f"star.profile: {cfg.star.profile} describes {len(profile.devices)} devices but the run "
+                          f"has {devices}; star.emulate needs one profile entry per device (start "
+                          f"{len(profile.devices) + 1} processes, or use another profile)")
+    return (lambda n: profile.link_seconds(n, profile.uplink_mbps),
+            lambda n: profile.link_seconds(n, profile.downlink_mbps))
+
+
+def emulated_speed(cfg: Config, rank: int) -> float:
+    """star.emulate: the extra sleep per second of compute of ``rank`` (0 = the server), from star.profile."""
+    if not cfg.star.emulate:
+        return 0.0
+    profile = load_profile(cfg.star.profile)
+    gflops = profile.server_gflops if rank == 0 else profile.devices[rank - 1].gflops
+    return emulated_slowdown(profile.speed(gflops))
+
+
 class StarJob:
     """A star run on this rank before its process group exists: the topology and (devices) the data and shard,
     every user mistake already checked."""
@@ -400,6 +423,7 @@ class StarJob:
         self.topo = make_star_topology(cfg, rank, world_size)
         check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
         self.is_lead = self.topo.is_server
+        self.emulated = emulated_links(cfg, world_size - 1) if cfg.star.emulate else None
         self.data = self.shard = None
         if not self.topo.is_server:
             self.data = load_run_data(cfg, read_config(cfg.model.path).vocab_size)
@@ -417,12 +441,15 @@ class StarJob:
         groups = {u: link_group([topo.server, u], device_wait_s) for u in topo.devices}
         codecs = _link_codecs(cfg, topo)
 
+        # star.emulate: what reaches the server crossed the uplink, what reaches a device the downlink
+        delay = self.emulated[0 if topo.is_server else 1] if self.emulated else None
+
         def link(u: int) -> Link:
             if topo.is_server:
                 wire = Wire(topo.rank, place.device, group=groups[u], timeout_s=cfg.run.timeout_s,
-                            deadline_s=cfg.run.timeout_s)
+                            deadline_s=cfg.run.timeout_s, link_delay=delay)
             else:
-                wire = Wire(topo.rank, place.device, group=groups[u], timeout_s=device_wait_s)
+                wire = Wire(topo.rank, place.device, group=groups[u], timeout_s=device_wait_s, link_delay=delay)
             peer = u if topo.is_server else topo.server
             return Link(topo.rank, peer, wire, codecs[u], cfg.run.seed, at_server=topo.is_server,
                         dtype=base_dtype(cfg))
@@ -468,6 +495,7 @@ class DeviceTrainer(Trainer):
         self.steps_done = 0  # the data position: this device's next batch
         self.times = DeviceTimes()
         self.last_bwd_s = 0.0
+        self.slowdown = emulated_speed(cfg, topo.rank)  # star.emulate: this device's compute is stretched
 
     # -- driver verbs
     def start(self, resume) -> int | None:
@@ -586,6 +614,11 @@ class DeviceTrainer(Trainer):
             return top.grad, stats
         return None, stats
 
+    def _emulate(self, started: float) -> None:
+        """star.emulate: stretch the compute that began at ``started`` to this device's profile speed."""
+        if self.slowdown:
+            time.sleep((time.perf_counter() - started) * self.slowdown)
+
     def train_step(self, step: int) -> bool:
         """One local step; returns whether it updated the adapters (not when the server or this device found the
         loss or a gradient non-finite)."""
@@ -596,12 +629,14 @@ class DeviceTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         hidden = self.lower_forward(batch, train=True)
+        self._emulate(t0)
         fwd_s = time.perf_counter() - t0
         self._send_activation(batch, step, hidden, fwd_s)
         if self.privacy:
             top = self.link.recv("top", step)[0]
             t1 = time.perf_counter()
             grad_top, stats = self.head_loss(top, batch, train=True)
+            self._emulate(t1)
             fwd_s += time.perf_counter() - t1
             self.link.send("top_gradient", step, [grad_top, torch.tensor(stats, dtype=torch.float64)])
         grad, skip = self.link.recv("gradient", step)
@@ -618,6 +653,7 @@ class DeviceTrainer(Trainer):
                 log.warning("device %d: non-finite gradient norm at step %d; its update is skipped",
                             self.topo.rank, step)
                 self.optimizer.zero_grad(set_to_none=True)
+        self._emulate(t2)
         self.last_bwd_s = time.perf_counter() - t2
         self.times.fwd_s += fwd_s
         self.times.bwd_s += self.last_bwd_s
@@ -653,6 +689,7 @@ class Server:
 
     def __init__(self, cfg: Config, topo: StarTopology, device: torch.device = torch.device("cpu")):
         self.cfg, self.topo = cfg, topo
+        self.rss_before_model = rss_bytes()  # the process (Python, torch, the wire) before the server's model
         self.sft = cfg.pipeline.mode == "sft"
         self.privacy = cfg.star.label_privacy
         L = topo.num_blocks
@@ -688,6 +725,10 @@ class Server:
         self.selector = Selector(cfg.star.selection, cfg.star.devices_per_round, seed=cfg.run.seed, c=cfg.star.ucb_c)
         self.rng = random.Random(cfg.run.seed)
         self.fwd_s = self.bwd_s = 0.0
+        # star.emulate: the server's compute is stretched to its speed, and the scheduler's release and tail
+        # times include the emulated links
+        self.slowdown = emulated_speed(cfg, 0)
+        self.link_s = emulated_links(cfg, topo.world_size - 1) if cfg.star.emulate else None
         self.device_loss: dict[int, float] = {}  # each device's last training loss (client selection)
 
     def set_name(self, device: int) -> str:
@@ -716,7 +757,8 @@ class Server:
                 with torch.no_grad():
                     ctx = cut.context(joined, mask)
             joined = run_blocks(cut, b, b + 1, joined, ctx, frontier=0, grad=train, training=train,
-                                seed=self.cfg.run.seed, step=step, dropout=self.cfg.adapter.dropout > 0)
+                                seed=self.cfg.run.seed, step=step, dropout=self.cfg.adapter.dropout > 0,
+                                recompute=self.cfg.star.recompute)
         pieces = torch.split(joined, [hiddens[i].shape[0] for i in members])
         tops = [None] * len(devices)
         for i, piece in zip(members, pieces):
@@ -730,7 +772,7 @@ class Server:
         mask = tensors[2] if len(tensors) > 2 else None
         labels = None if self.privacy else link.recv("labels", step)[0]
         hidden.requires_grad_(train)
-        return hidden, mask, labels, timing.tolist()
+        return hidden, mask, labels, timing.tolist(), link.last_bytes
 
     def serve(self, devices: list[int], step: int, links: dict[int, Link], exchange) -> StepOutcome:
         """One step of ``devices`` as one batch through their server set and one optimizer step: sfl serves one
@@ -761,10 +803,16 @@ class Server:
             outcome.nonfinite = (f"non-finite loss ({outcome.loss_sum}) or gradient norm ({math.sqrt(sq)}) at step "
                                  f"{step} on the server ({who})")
         skip = torch.tensor([int(outcome.nonfinite is not None)], dtype=torch.int64)
+        if self.slowdown:
+            time.sleep((time.perf_counter() - t0) * self.slowdown)
         for u in outcome.devices:
             with exchange(u, step, "sending the activation gradient"):
                 links[u].send("gradient", step, [hiddens[alive.index(u)].grad, skip])
-                self.profile.release[u], self.profile.tail[u] = received[u][3]
+                release, tail = received[u][3]
+                if self.link_s:
+                    release += self.link_s[0](received[u][4])
+                    tail += self.link_s[1](links[u].last_bytes)
+                self.profile.release[u], self.profile.tail[u] = release, tail
         if outcome.nonfinite is None:
             self.optimizers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
@@ -877,7 +925,7 @@ class Server:
         self.activate(device)
         for j in range(batches):
             step = -1 - j
-            hidden, mask, labels, _ = self._receive(link, step, train=False)
+            hidden, mask, labels, _, _ = self._receive(link, step, train=False)
             top = self._upper([device], [hidden], [mask], train=False, step=step)[0]
             if self.privacy:
                 link.send("top", step, [top])
@@ -928,7 +976,8 @@ class Server:
         other = sum(p.numel() * p.element_size() for p in base.values()) - sum(per_block.values())
         copies = sum(other + sum(v for b, v in per_block.items() if b >= self.topo.depth(u))
                      for u in self.topo.devices)
-        return {"peak_rss_bytes": peak_rss_bytes(), "base_bytes": base_bytes, "adapter_bytes": adapter_bytes,
+        return {"peak_rss_bytes": peak_rss_bytes(), "rss_before_model_bytes": self.rss_before_model,
+                "base_bytes": base_bytes, "adapter_bytes": adapter_bytes,
                 "optimizer_bytes": optim_bytes, "sets": len(self.sets),
                 "copy_per_device_base_bytes": copies,
                 "held_bytes": base_bytes + adapter_bytes + optim_bytes,

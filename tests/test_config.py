@@ -47,6 +47,7 @@ def test_set_overrides_file_values(tmp_path):
     (["pipeline.partition=[2, 2]"], ["pipeline.partition", "single"]),
     (["run.steps=1", "pipeline.mode=sfl", "pipeline.early_stop=false"], ["pipeline.early_stop", "single, ring and line"]),
     (["run.steps=1", "pipeline.mode=sfl", "run.checkpoint_every=1"], ["run.checkpoint_every", "every round"]),
+    (["run.steps=1", "pipeline.mode=sfl", "star.emulate=true"], ["star.profile", "null", "star.emulate", "edge4"]),
     (["run.timeout_s=0"], ["run.timeout_s", "0", "> 0"]),
     (["run.resume=maybe"], ["run.resume", "'maybe'", "'auto'"]),
     (["optim.on_nonfinite=ignore"], ["optim.on_nonfinite", "'stop'", "'skip'"]),

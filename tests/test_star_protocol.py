@@ -148,3 +148,21 @@ def test_a_received_blob_decodes_to_the_link_dtype_and_is_counted():
 def test_an_evaluation_goes_through_the_exact_link_and_through_a_lossy_codec(settings, links):
     cfg = load(None, ["run.steps=1", "pipeline.mode=sft", *settings])
     assert eval_links(cfg, StarTopology(rank=0, world_size=3, num_blocks=4, depths=[1, 1])) == links
+
+
+def test_star_emulation_takes_speeds_and_links_from_the_profile_and_refuses_a_profile_of_other_devices():
+    from ringada.config import ConfigError
+    from ringada.star import emulated_links, emulated_speed
+
+    cfg = load(None, ["pipeline.mode=sfl", "run.steps=1", "star.profile=configs/profiles/edge4.yaml",
+                      "star.emulate=true"])
+    # edge4: reference 50 GFLOPS; phone-low 4 (12.5x slower), the vehicle 40; the server (200) cannot be sped up
+    assert emulated_speed(cfg, 1) == pytest.approx(50 / 4 - 1)
+    assert emulated_speed(cfg, 4) == pytest.approx(50 / 40 - 1)
+    assert emulated_speed(cfg, 0) == 0.0
+    up, down = emulated_links(cfg, 4)
+    assert up(1_000_000) == pytest.approx(0.005 + 8e6 / 100e6)  # 5 ms + 1 MB over the 100 Mbit/s uplink
+    assert down(1_000_000) == pytest.approx(0.005 + 8e6 / 300e6)
+    with pytest.raises(ConfigError, match=r"star.profile: .*edge4.yaml describes 4 devices but the run has 3"):
+        emulated_links(cfg, 3)
+    assert emulated_speed(load(None, ["pipeline.mode=sfl", "run.steps=1"]), 1) == 0.0  # not emulating
