@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import config as config_mod
@@ -159,14 +160,19 @@ def dropout_seed(seed: int, step: int, micro_batch: int, block: int) -> int:
 
 def run_blocks(cut: CutModel, lo: int, hi: int, hidden: torch.Tensor, ctx: dict, *, frontier: int,
                grad: bool, training: bool, seed: int = 0, step: int = 0, micro_batch: int = 0,
-               dropout: bool = False):
+               dropout: bool = False, recompute: bool = False):
     """Run blocks [lo, hi). With ``grad``, blocks at or above the frontier build a graph; the others run under
     no_grad (no graph, no stored activations). ``training`` turns adapter dropout on, seeded per (seed, step,
-    micro-batch, block) so that any process running the block draws the same mask."""
+    micro-batch, block) so that any process running the block draws the same mask. ``recompute``: a block with a
+    graph keeps only its input and runs again in the backward (activation checkpointing, the RNG state
+    restored, so the same values and the same dropout masks)."""
     set_adapter_dropout(cut.model, training and dropout)
     for i in range(lo, hi):
         if dropout and training:
             torch.manual_seed(dropout_seed(seed, step, micro_batch, i))
+        if grad and i >= frontier and recompute:
+            hidden = torch.utils.checkpoint.checkpoint(cut.run_block, i, hidden, ctx, use_reentrant=False)
+            continue
         with nullcontext() if grad and i >= frontier else torch.no_grad():
             hidden = cut.run_block(i, hidden, ctx)
     return hidden
@@ -197,6 +203,14 @@ def make_optimizer(cfg: Config, adapters: Adapters) -> torch.optim.Optimizer | N
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def rss_bytes() -> int:
+    """The process's resident memory now (Linux /proc; elsewhere the peak so far)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return peak_rss_bytes()
 
 
 # ------------------------------------------------------------------------------------------------------ outputs

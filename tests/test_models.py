@@ -92,3 +92,29 @@ def test_real_smollm2_cut_equals_unsplit():
     ids = torch.tensor([[1, 504, 3458, 314, 260, 1789, 28, 1163, 30, 216, 1401, 42]])
     with torch.no_grad():
         torch.testing.assert_close(cut.forward(ids), reference(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_recomputed_blocks_give_the_same_output_and_gradients_with_dropout(tiny_dirs):
+    """star.recompute: activation checkpointing of the server's blocks changes memory, not values."""
+    from ringada.adapters import add_adapters
+    from ringada.config import load
+    from ringada.train import run_blocks
+
+    cfg = load(None, ["adapter.dropout=0.1", "adapter.r=4"])
+    results = []
+    for recompute in (False, True):
+        cut = load_model(str(tiny_dirs["llama"]), "causal_lm", blocks=(0, 4))
+        adapters = add_adapters(cut, cfg.adapter, 0, base_dir=str(tiny_dirs["llama"]))
+        ids = torch.randint(0, cut.model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            hidden = cut.embed(ids)
+        hidden.requires_grad_(True)
+        out = run_blocks(cut, 0, 4, hidden, cut.context(hidden, None), frontier=1, grad=True, training=True,
+                         seed=3, step=5, dropout=True, recompute=recompute)
+        (out.square().mean()).backward()
+        grads = [p.param.grad.clone() for p in adapters.params if p.param.grad is not None]
+        results.append((out.detach(), grads, hidden.grad))
+    (out0, grads0, in0), (out1, grads1, in1) = results
+    assert torch.equal(out0, out1) and len(grads0) == len(grads1) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    assert in0 is None and in1 is None  # block 0 is below the frontier: no graph reaches the input
