@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 
 RING_SYSTEMS = ["ring-earlystop", "ring-noearlystop", "ring-full", "line", "tdp-gpipe", "tdp-1f1b", "tdp-1f1b-full",
                 "single"]
-STAR_SYSTEMS = ["sfl", "sft", "sft-compressed", "sfl-copy-per-device"]
+STAR_SYSTEMS = ["sfl", "sft", "sft-compressed", "sfl-copy-per-device", "sfl-fifo"]
 EMULATED_SYSTEMS = ["ring-earlystop", "ring-full", "line"]  # what `--profile` runs (ringada's own pipeline)
+# the star suite with `--profile`: the server's order against FIFO, and sft, on emulated devices and links
+EMULATED_STAR_SYSTEMS = ["sfl", "sfl-fifo", "sft"]
 # The compression sweep: sft (the star suite's devices) with each codec setting of the compress section.
 COMPRESS_SETTINGS = {
     "uncompressed": {},
@@ -129,6 +131,8 @@ def system_settings(system: str, num_blocks: int, world: int) -> tuple[str, dict
             star.update(COMPRESS_SETTINGS["int4-hadamard-grad3"])
         if system == "sfl-copy-per-device":
             star["star.server_copies"] = True
+        if system == "sfl-fifo":  # the baseline of the server's order: serve devices as their activations come
+            star["star.schedule"] = "fifo"
         if system in COMPRESS_SYSTEMS:
             star.update(COMPRESS_SETTINGS[system.removeprefix("sft-")])
         return "ringada", star, world + 1
@@ -140,12 +144,18 @@ def resolved_settings(system: str, settings: dict, num_blocks: int, world: int,
     """(entry module, every --set of the run, processes) of one system; with a ``profile`` the run emulates its
     devices and links on this machine and partitions by capacity."""
     module, extra, procs = system_settings(system, num_blocks, world)
+    if "star.device_blocks" in settings:  # --set star.device_blocks=[...] chooses the devices' depths
+        extra.pop("star.device_blocks", None)
     sets = {**settings, **extra, "pipeline.schedule": "gpipe" if system == "tdp-gpipe" else "1f1b"}
     if profile:
-        if system not in EMULATED_SYSTEMS:
+        if system not in EMULATED_SYSTEMS + EMULATED_STAR_SYSTEMS:
             raise ValueError(f"--profile: {system} cannot be emulated; with a profile the systems are "
-                             f"{', '.join(EMULATED_SYSTEMS)}")
-        sets.update({"pipeline.profile": profile, "pipeline.emulate": True, "pipeline.partition": "capacity"})
+                             f"{', '.join(EMULATED_SYSTEMS)} (ring suite) or {', '.join(EMULATED_STAR_SYSTEMS)} "
+                             "(star suite)")
+        if is_star(system):
+            sets.update({"star.profile": profile, "star.emulate": True})
+        else:
+            sets.update({"pipeline.profile": profile, "pipeline.emulate": True, "pipeline.partition": "capacity"})
     if "star.rounds" in sets:
         sets["star.local_steps"] = max(1, sets["run.steps"] // sets["star.rounds"])
         sets["run.steps"] = sets["star.rounds"] * sets["star.local_steps"]
@@ -196,8 +206,17 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         chosen = [m["predicted_makespan_s"] for m in metrics if "predicted_makespan_s" in m]
         fifo = [m["fifo_makespan_s"] for m in metrics if "fifo_makespan_s" in m]
+        # the server's step times as it measured them, the first step left out (its order had no timings yet)
+        served = [m["step_s"] for m in metrics if "step_s" in m and m.get("step", 0) > 0]
+        rounds = [m["round_s"] for m in metrics if "round_s" in m]
         extra = {"server_held_bytes": summary["server"]["held_bytes"],
                 "server_copy_per_device_bytes": summary["server"]["copy_per_device_bytes"],
+                "server_peak_rss_bytes": ranks[0]["peak_rss_bytes"],
+                "server_rss_before_model_bytes": summary["server"].get("rss_before_model_bytes"),
+                "server_step_s": statistics.median(served) if served else None,
+                # the rounds' training time per step, round-end exchange and checkpoints left out: what the
+                # simulator predicts for a round of local steps
+                "round_step_s": sum(rounds) / summary["steps"] if rounds else None,
                 "makespan_vs_fifo": sum(chosen) / sum(fifo) if chosen and sum(fifo) else None}
     if is_star(system):
         # what the outside checks read: the smashed data every rank put on the wire, and both evaluations
@@ -220,7 +239,7 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
             # CPU seconds of all ranks per training step: the work a system does, which bounds its speed when
             # ranks share cores
             "train_cpu_s_per_step": sum(cpu) / steps if None not in cpu else None,
-            "bytes_sent": bytes_sent, "eval_loss": summary.get("eval_loss"),
+            "bytes_sent": bytes_sent, "eval_loss": summary.get("eval_loss"), "steps": steps,
             "final_loss": summary.get("final_loss"), "ranks": len(ranks), "partition": summary.get("partition"),
             "rank_rows": [{k: r.get(k) for k in ("rank", "blocks", "fwd_s", "bwd_s", "wait_s", "train_cpu_s",
                                                  "peak_rss_bytes", "bytes_sent")} for r in ranks],
@@ -256,9 +275,9 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
     if profile:
         from .profiles import load_profile
 
-        if suite != "ring":
+        if suite not in ("ring", "star"):
             raise ValueError(f"--profile: got --suite {suite}; emulated profiles apply to the ring suite "
-                             f"({', '.join(EMULATED_SYSTEMS)})")
+                             f"({', '.join(EMULATED_SYSTEMS)}) and the star suite ({', '.join(EMULATED_STAR_SYSTEMS)})")
         devices = len(load_profile(profile).devices)
         if devices != world:
             raise ValueError(f"--profile: {profile} has {devices} devices; expected --world ({world})")
@@ -276,7 +295,7 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
     if suite == "tta":
         settings.setdefault("run.eval_every", 2)
     if profile:
-        suite_systems = EMULATED_SYSTEMS
+        suite_systems = EMULATED_STAR_SYSTEMS if suite == "star" else EMULATED_SYSTEMS
     unknown = [s for s in systems or [] if s not in suite_systems]
     if unknown:
         raise ValueError(f"--systems: {unknown} are not in this suite; choose from {', '.join(suite_systems)}")
@@ -301,6 +320,8 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
             merged[key] = statistics.median(r[key] for r in rs)
         merged["peak_rss_bytes_per_rank"] = [statistics.median(v) for v in zip(*(r["peak_rss_bytes_per_rank"]
                                                                                  for r in rs))]
+        if merged.get("round_step_s") is not None:
+            merged["round_step_s"] = statistics.median(r["round_step_s"] for r in rs)
         if merged["train_cpu_s_per_step"] is not None:
             merged["train_cpu_s_per_step"] = statistics.median(r["train_cpu_s_per_step"] for r in rs)
             merged["cpu_utilization"] = merged["train_cpu_s_per_step"] / (merged["step_s"] * cores)
@@ -308,7 +329,8 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
             merged["predicted_step_s"], merged["predicted_step_s_core_per_rank"] = (
                 predicted_step(system, settings, world, num_blocks, c, profile, merged["partition"])
                 for c in (cores, None))
-            merged["measured_over_predicted"] = merged["step_s"] / merged["predicted_step_s"]
+            measured = merged.get("round_step_s") or merged["step_s"]  # star: the rounds' steps
+            merged["measured_over_predicted"] = measured / merged["predicted_step_s"]
         results.append(merged)
     by_name = {r["system"]: r for r in results}
     for r in results:
@@ -320,19 +342,72 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
              "profile": profile, "device": device, "machine": machine(device), "results": results,
              "not_run": [{"system": s, "reason": why} for s, why in skipped.items()],
              "simulator_mean_abs_error": sum(errors) / len(errors) if errors else None}
+    if suite in ("star", "all"):
+        bench["star_figures"] = star_figures(by_name)
     if suite == "compress":
         compression_sweep(bench)
     if suite == "tta":
         bench["target"] = time_to_target(bench["results"], target)
     (out / "bench.json").write_text(json.dumps(bench, indent=2))
     (out / "bench.md").write_text(markdown_table(bench) + ("\n" + sweep_table(bench) if suite == "compress" else "")
-                                  + ("\n" + tta_table(bench) if suite == "tta" else ""))
+                                  + ("\n" + tta_table(bench) if suite == "tta" else "")
+                                  + ("\n" + star_figures_table(bench) if bench.get("star_figures") else ""))
     plot(bench, out)
     if suite == "compress":
         plot_sweep(bench, out)
     if suite == "tta":
         plot_tta(bench, out)
     return bench
+
+
+def star_figures(by_name: dict) -> dict:
+    """What the star suite decides: the sfl server's memory against one server copy per device (accounted bytes
+    and peak RSS, both measured on the server rank), and the server's order against FIFO (the median measured
+    step time of the same run with star.schedule=fifo), where the runs are in the bench."""
+    figures: dict = {}
+    sfl, copies, fifo = (by_name.get(s) for s in ("sfl", "sfl-copy-per-device", "sfl-fifo"))
+    if sfl and copies:
+        figures["server_memory"] = {
+            "devices": sfl["ranks"] - 1,
+            "held_bytes": sfl["server_held_bytes"], "copy_per_device_held_bytes": copies["server_held_bytes"],
+            "held_ratio": sfl["server_held_bytes"] / copies["server_held_bytes"],
+            "peak_rss_bytes": sfl["server_peak_rss_bytes"],
+            "copy_per_device_peak_rss_bytes": copies["server_peak_rss_bytes"],
+            "peak_rss_ratio": sfl["server_peak_rss_bytes"] / copies["server_peak_rss_bytes"]}
+        before = (sfl.get("server_rss_before_model_bytes"), copies.get("server_rss_before_model_bytes"))
+        if None not in before:  # what the server's role adds to the process (Python, torch and the wire left out)
+            grown = [run["server_peak_rss_bytes"] - b for run, b in zip((sfl, copies), before)]
+            figures["server_memory"].update({"rss_before_model_bytes": before[0], "peak_rss_growth_bytes": grown[0],
+                                             "copy_per_device_peak_rss_growth_bytes": grown[1],
+                                             "peak_rss_growth_ratio": grown[0] / grown[1]})
+    if sfl and fifo and sfl.get("server_step_s") and fifo.get("server_step_s"):
+        figures["order_vs_fifo"] = {"step_s": sfl["server_step_s"], "fifo_step_s": fifo["server_step_s"],
+                                    "measured_ratio": sfl["server_step_s"] / fifo["server_step_s"],
+                                    "modelled_ratio": sfl.get("makespan_vs_fifo")}
+    return figures
+
+
+def star_figures_table(bench: dict) -> str:
+    figures = bench.get("star_figures") or {}
+    lines = []
+    if "server_memory" in figures:
+        m = figures["server_memory"]
+        grown = m.get("peak_rss_growth_bytes")
+        lines += ["| sfl server, devices | holds MiB | copy per device holds MiB | ratio | peak RSS MiB | "
+                  "copy per device peak RSS MiB | ratio | peak RSS above start MiB | copy per device | ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|",
+                  f"| {m['devices']} | {m['held_bytes'] / 2**20:.0f} | {m['copy_per_device_held_bytes'] / 2**20:.0f} | "
+                  f"{m['held_ratio']:.2f} | {m['peak_rss_bytes'] / 2**20:.0f} | "
+                  f"{m['copy_per_device_peak_rss_bytes'] / 2**20:.0f} | {m['peak_rss_ratio']:.2f} | "
+                  + (f"{grown / 2**20:.0f} | {m['copy_per_device_peak_rss_growth_bytes'] / 2**20:.0f} | "
+                     f"{m['peak_rss_growth_ratio']:.2f} |" if grown is not None else "- | - | - |"), ""]
+    if "order_vs_fifo" in figures:
+        o = figures["order_vs_fifo"]
+        lines += ["| server order | step s (median) | FIFO step s (median) | measured ratio | modelled ratio |",
+                  "|---|---|---|---|---|",
+                  f"| sfl | {o['step_s']:.2f} | {o['fifo_step_s']:.2f} | {o['measured_ratio']:.3f} | "
+                  f"{_num(o['modelled_ratio'], '.3f')} |", ""]
+    return "\n".join(lines)
 
 
 def eval_curve(out: Path, summary: dict) -> list[dict]:
@@ -526,7 +601,8 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
     import torch
 
     from . import config as config_mod
-    from .costs import block_costs
+    from .costs import block_costs, contention
+    from .profiles import load_profile
     from .sim import simulate_pipeline, simulate_star_step
 
     _, sets, procs = resolved_settings(system, settings, num_blocks, world, profile)
@@ -535,6 +611,10 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
     torch.set_num_threads(cfg.run.threads or 1)
     shared = cores if cores and procs > cores else None
     try:
+        rows = cfg.data.batch_size if is_star(system) else -(-cfg.data.batch_size // cfg.data.micro_batches)
+        costs = block_costs(cfg, rows)
+        if shared:  # every core of the box is busy at times: a block runs slower than on a quiet machine
+            costs = costs.slowed(contention(cfg, rows, shared))
         if is_star(system):
             from .profiles import DeviceSpec, Profile
             from .star import make_star_topology
@@ -543,16 +623,14 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
             here = Profile(server_gflops=50.0, devices=tuple(DeviceSpec(f"device{i + 1}", 50.0, float("inf"))
                                                              for i in range(world)),
                            uplink_mbps=float("inf"), downlink_mbps=float("inf"), latency_ms=0.0)
-            step = simulate_star_step(cfg.pipeline.mode, topo.depths, topo.num_blocks,
-                                      block_costs(cfg, cfg.data.batch_size), here, cfg.star.schedule,
-                                      cfg.compress.topk, shared)
+            step = simulate_star_step(cfg.pipeline.mode, topo.depths, topo.num_blocks, costs,
+                                      load_profile(profile) if profile else here, cfg.star.schedule,
+                                      cfg.compress.topk, shared, steps=cfg.star.local_steps)
             return step["makespan_s"]
-        from .profiles import load_profile
         from .runtime import make_topology
 
-        rows = -(-cfg.data.batch_size // cfg.data.micro_batches)
         partition = partition or make_topology(cfg, 0, procs).partition  # the run's own (capacity plans vary)
-        return simulate_pipeline(cfg, partition, block_costs(cfg, rows), load_profile(profile) if profile else None,
+        return simulate_pipeline(cfg, partition, costs, load_profile(profile) if profile else None,
                                  cores=shared)["step_s"]
     finally:
         torch.set_num_threads(threads)
@@ -577,14 +655,21 @@ def markdown_table(bench: dict) -> str:
         lines.append(f"| {r['system']} | - | {r['reason']} | - | - | - | - | - |")
     cores = bench.get("machine", {}).get("cpus", "all")
     model = f"{cores} shared cores" + (f", {bench['profile']}'s speeds and links" if bench.get("profile") else "")
-    lines += ["", f"| system | step s | predicted step s ({model}) | measured / predicted | "
+    lines += ["", f"| system | step s | predicted step s ({model}) | measured / predicted | simulator error | "
               "predicted step s, a core per rank | CPU s per step (all ranks) | CPU busy |",
-              "|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        ratio = r.get("measured_over_predicted")
         lines.append(f"| {r['system']} | {r['step_s']:.2f} | {_num(r.get('predicted_step_s'), '.2f')} | "
-                     f"{_num(r.get('measured_over_predicted'), '.2f')} | "
+                     f"{_num(ratio, '.2f')} | {_num(None if ratio is None else ratio - 1, '+.0%')} | "
                      f"{_num(r.get('predicted_step_s_core_per_rank'), '.2f')} | "
                      f"{_num(r.get('train_cpu_s_per_step'), '.2f')} | {_num(r.get('cpu_utilization'), '.0%')} |")
+    errors = [abs(r["measured_over_predicted"] - 1) for r in results if r.get("measured_over_predicted")]
+    if errors:
+        mean = sum(errors) / len(errors)
+        lines += ["", f"Simulator error (measured / predicted − 1): largest {max(errors):.0%}, mean {mean:.0%} over "
+                  f"{len(errors)} systems; {sum(e <= 0.15 for e in errors)} of {len(errors)} within 15%."]
+    lines += ["", breakdown_table(results, emulated=bool(bench.get("profile")))]
     star = [r for r in results if "server_held_bytes" in r]
     if star:
         lines += ["", "| system | server holds MiB | one copy per device would hold MiB | makespan / FIFO |",
@@ -593,6 +678,27 @@ def markdown_table(bench: dict) -> str:
             ms = f"{r['makespan_vs_fifo']:.3f}" if r["makespan_vs_fifo"] else "-"
             lines.append(f"| {r['system']} | {r['server_held_bytes'] / 2**20:.1f} | "
                          f"{r['server_copy_per_device_bytes'] / 2**20:.1f} | {ms} |")
+    return "\n".join(lines) + "\n"
+
+
+def breakdown_table(results: list[dict], emulated: bool = False) -> str:
+    """Per rank and training step (first round): seconds of forward and backward compute, seconds waiting for
+    messages, and the CPU seconds spent outside compute (gloo's threads, copies, Python), from the ranks' rows.
+    Emulated compute includes its sleeps, so there the last figure is left out."""
+    lines = ["| system | per rank, per step: forward / backward / waiting / CPU outside compute (s) |", "|---|---|"]
+    for r in results:
+        rows, steps = r.get("rank_rows") or [], r.get("steps") or 1
+        cells = []
+        for row in rows:
+            if None in (row.get("fwd_s"), row.get("bwd_s"), row.get("wait_s")):
+                continue
+            other = None
+            if row.get("train_cpu_s") is not None and not emulated:
+                other = row["train_cpu_s"] - row["fwd_s"] - row["bwd_s"]
+            cells.append(f"r{row['rank']} {row['fwd_s'] / steps:.2f} / {row['bwd_s'] / steps:.2f} / "
+                         f"{row['wait_s'] / steps:.2f} / {_num(None if other is None else other / steps, '.2f')}")
+        if cells:
+            lines.append(f"| {r['system']} | {'; '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generate suite: adapter to decode with (default: the initial adapter; decoding speed "
                        "does not depend on its values)")
     bench.add_argument("--profile", default=None,
-                       help="emulate this device/link profile (e.g. configs/profiles/ring4.yaml) in ring-earlystop, "
-                       "ring-full and line, partitioned by capacity, next to the simulator's prediction for it")
+                       help="emulate this device/link profile: the ring suite runs ring-earlystop, ring-full and "
+                       "line partitioned by capacity (e.g. configs/profiles/ring4.yaml), the star suite sfl, "
+                       "sfl-fifo and sft (e.g. configs/profiles/edge4.yaml), next to the simulator's prediction")
     return parser
 
 

@@ -14,6 +14,7 @@ import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,11 @@ class Costs:
     head_bwd_s: float
     embed_s: float
     act_bytes: int  # one micro-batch's hidden state (fp32); memory is ringada/memory.py's
+
+    def slowed(self, factor: float) -> Costs:
+        """The compute costs ``factor`` times longer (see :func:`contention`); bytes unchanged."""
+        return Costs(self.rows, self.seq_len, self.block_fwd_s * factor, self.block_bwd_s * factor,
+                     self.head_fwd_s * factor, self.head_bwd_s * factor, self.embed_s * factor, self.act_bytes)
 
     def scaled(self, rows: int) -> Costs:
         """Costs for another micro-batch size (compute and bytes scale with rows)."""
@@ -101,3 +107,72 @@ def measure(cfg: Config, rows: int, repeats: int = 3) -> Costs:
     log.info("measured costs for %d x %d: block fwd %.4fs bwd %.4fs, head fwd %.4fs bwd %.4fs", rows,
              cfg.data.seq_len, costs.block_fwd_s, costs.block_bwd_s, costs.head_fwd_s, costs.head_bwd_s)
     return costs
+
+
+# ------------------------------------------------------------------------------------------- a loaded machine
+
+
+def contention(cfg: Config, rows: int, procs: int, repeats: int = 12) -> float:
+    """How much slower a block's forward + backward runs while ``procs`` processes compute at once on this box
+    (one thread each) than alone: the same cores, but shared caches and memory bandwidth. Measured once and
+    cached, like the block costs; the simulator multiplies the costs by it when a run's ranks keep every core of
+    the box busy (more ranks than cores)."""
+    path = cache_dir() / "costs" / f"contention-{_key(cfg, rows)}-{procs}.json"
+    with _file_lock(path.with_suffix(".lock")):
+        if path.is_file():
+            return float(json.loads(path.read_text())["factor"])
+        alone = statistics.median(_timed_workers(cfg, rows, 1, repeats))
+        loaded = statistics.median(_timed_workers(cfg, rows, procs, repeats))
+        factor = max(1.0, loaded / alone)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"procs": procs, "alone_s": alone, "loaded_s": loaded, "factor": factor}))
+        tmp.replace(path)
+    log.info("contention with %d processes: a block takes %.2fx its time alone", procs, factor)
+    return factor
+
+
+def _timed_workers(cfg: Config, rows: int, procs: int, repeats: int) -> list[float]:
+    """Per worker, the median seconds of a block's forward + backward, ``procs`` workers running at once."""
+    import multiprocessing as mp
+    import tempfile
+
+    from .config import dump
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(dump(cfg))
+        barrier, results = ctx.Barrier(procs), ctx.Queue()
+        workers = [ctx.Process(target=_block_worker, args=(str(config), rows, repeats, barrier, results))
+                   for _ in range(procs)]
+        for w in workers:
+            w.start()
+        times = [results.get(timeout=600) for _ in workers]
+        for w in workers:
+            w.join()
+    return times
+
+
+def _block_worker(config: str, rows: int, repeats: int, barrier, results) -> None:
+    from .adapters import add_adapters
+    from .config import load
+
+    cfg = load(config)
+    torch.set_num_threads(1)
+    cut = load_model(cfg.model.path, cfg.model.task, cfg.model.num_labels, blocks=(0, 1), seed=cfg.run.seed)
+    add_adapters(cut, cfg.adapter, cfg.run.seed)
+    ids = torch.randint(0, cut.model.config.vocab_size, (rows, cfg.data.seq_len),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = cut.embed(ids)
+        ctx = cut.context(hidden, None)
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        out = cut.run_block(0, hidden, ctx)
+        out.sum().backward()
+        return time.perf_counter() - t0
+
+    step()  # warm up allocators and kernels
+    barrier.wait()
+    results.put(statistics.median(step() for _ in range(repeats)))

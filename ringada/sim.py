@@ -128,11 +128,13 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
 STAR_MODES = ("sfl", "sft")
 
 
-def star_step_actions(mode: str, order: Sequence[int], U: int) -> list[list[sched.Action]]:
-    """One local step of ``U`` devices as per-rank action lists: rank 0 is the server, ranks 1..U the devices.
+def star_step_actions(mode: str, order: Sequence[int], U: int, steps: int = 1) -> list[list[sched.Action]]:
+    """``steps`` local steps of ``U`` devices as per-rank action lists: rank 0 is the server, ranks 1..U the
+    devices.
 
     Device u's own part is stage 2u and the server's part for it stage 2u + 1, so that sends and receives match
-    by transfer (micro-batch 0). As star.py runs them: a device forwards its blocks, sends the activation,
+    by transfer (the micro-batch is the step: a device starts its next forward as soon as its backward is done,
+    while the server still serves the others). As star.py runs them: a device forwards its blocks, sends the activation,
     waits for the gradient and runs its backward. The `sfl` server serves the devices one at a time in ``order``
     (receive, upper blocks + head + loss forward, backward, send the gradient); the `sft` server receives every
     activation first (in ``order``), then runs each device's forward and backward in turn and only then sends the
@@ -142,22 +144,27 @@ def star_step_actions(mode: str, order: Sequence[int], U: int) -> list[list[sche
     if sorted(order) != list(range(1, U + 1)):
         raise ValueError(f"order: got {list(order)!r}; expected the device ranks 1..{U}, each once")
     A = sched.Action
-    actions = [[]] + [[A(sched.F, 2 * u, 0), A(sched.SEND_F, 2 * u, 0, 0), A(sched.RECV_B, 2 * u, 0, 0),
-                       A(sched.B, 2 * u, 0)] for u in range(1, U + 1)]
-    receive = [A(sched.RECV_F, 2 * u + 1, 0, u) for u in order]
-    compute = [[A(sched.F, 2 * u + 1, 0), A(sched.B, 2 * u + 1, 0)] for u in order]
-    send = [A(sched.SEND_B, 2 * u + 1, 0, u) for u in order]
-    if mode == "sfl":
-        actions[0] = [a for r, c, s in zip(receive, compute, send) for a in (r, *c, s)]
-    else:
-        actions[0] = receive + [a for c in compute for a in c] + send
+    actions: list[list[sched.Action]] = [[] for _ in range(U + 1)]
+    for k in range(steps):
+        for u in range(1, U + 1):
+            actions[u] += [A(sched.F, 2 * u, k), A(sched.SEND_F, 2 * u, k, 0), A(sched.RECV_B, 2 * u, k, 0),
+                           A(sched.B, 2 * u, k)]
+        receive = [A(sched.RECV_F, 2 * u + 1, k, u) for u in order]
+        compute = [[A(sched.F, 2 * u + 1, k), A(sched.B, 2 * u + 1, k)] for u in order]
+        send = [A(sched.SEND_B, 2 * u + 1, k, u) for u in order]
+        if mode == "sfl":
+            actions[0] += [a for r, c, s in zip(receive, compute, send) for a in (r, *c, s)]
+        else:
+            actions[0] += receive + [a for c in compute for a in c] + send
     return actions
 
 
 def simulate_star_step(mode: str, depths: list[int], num_blocks: int, costs: Costs, profile: Profile,
                        policy: str = "heuristic", keep_ratio: float = 1.0, cores: int | None = None,
-                       msg_cost_per_byte: float = 0.0) -> dict:
-    """Predicted time of one local step of every device in a star round (all devices active), as the emulation
+                       msg_cost_per_byte: float = 0.0, steps: int = 1) -> dict:
+    """Predicted time of a local step of every device in a star round (all devices active; ``makespan_s``: the
+    time of ``steps`` local steps over ``steps``, which lets a device's next forward overlap the server's work
+    for the others, as in a round of star.local_steps), as the emulation
     runs it: compute at this machine's speed, a device (or the server) slower than it sleeping the rest (a speed
     above 1 counts as 1), and every message held for latency + bytes / bandwidth of the uplink (to the server) or
     the downlink (back), with the whole link to itself, as star.emulate does. ``cores`` and ``msg_cost_per_byte``:
@@ -186,11 +193,11 @@ def simulate_star_step(mode: str, depths: list[int], num_blocks: int, costs: Cos
         return up if a.kind == sched.SEND_F else down
 
     def run(order: list[int]) -> dict:
-        return sched.simulate_shared(star_step_actions(mode, order, U), cost, link, cores=cores, slowdown=slowdown,
-                                     msg_cost=msg)
+        return sched.simulate_shared(star_step_actions(mode, order, U, steps), cost, link, cores=cores,
+                                     slowdown=slowdown, msg_cost=msg)
 
     def out(order: list[int], result: dict) -> dict:
-        return {"makespan_s": result["makespan"], "order": order, "cpu_s": sum(result["cpu"]),
+        return {"makespan_s": result["makespan"] / steps, "order": order, "cpu_s": sum(result["cpu"]) / steps,
                 "utilization": result["utilization"]}
 
     if mode == "sft":
@@ -206,4 +213,4 @@ def simulate_star_step(mode: str, depths: list[int], num_blocks: int, costs: Cos
     order = [u + 1 for u in server_order(policy, release, server, tail)]
     fifo = [u + 1 for u in server_order("fifo", release, server, tail)]
     result = run(order)
-    return {**out(order, result), "fifo_makespan_s": (result if fifo == order else run(fifo))["makespan"]}
+    return {**out(order, result), "fifo_makespan_s": (result if fifo == order else run(fifo))["makespan"] / steps}

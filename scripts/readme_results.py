@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ringada.bench import markdown_table  # noqa: E402
+from ringada.bench import markdown_table, star_figures_table  # noqa: E402
 
 def main(bench_path: str, command: str, section: str = "bench") -> int:
     START, END = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
@@ -25,11 +25,12 @@ def main(bench_path: str, command: str, section: str = "bench") -> int:
     who = (f"a server and {bench['world_size']} devices" if bench["suite"] == "star"
            else f"{bench['world_size']} ranks")
     if bench.get("profile"):
-        who += f" emulating `{bench['profile']}` (capacity partition)"
+        who += f" emulating `{bench['profile']}`" + (" (capacity partition)" if bench["suite"] == "ring" else "")
     body = (f"Command: `{command}` ({bench['repeats']} round(s), median), {who}, "
             f"settings {json.dumps(bench['settings'])}. Machine: {machine['cpus']} CPU cores "
             f"({platform.processor() or platform.machine()}), Python {machine['python']}, no GPU; all ranks share "
-            "those cores, one thread each.\n\n" + markdown_table(bench))
+            "those cores, one thread each.\n\n" + markdown_table(bench)
+            + ("\n" + star_figures_table(bench) if bench.get("star_figures") else ""))
     readme = REPO / "README.md"
     text = readme.read_text()
     if START not in text or END not in text:

@@ -186,6 +186,13 @@ def test_star_step_actions_mirror_the_server():
     assert text(sft[0]) == "rF3.0<1 rF5.0<2 F3.0 B3.0 F5.0 B5.0 sB3.0>1 sB5.0>2" and sft[1:] == sfl[1:]
     for mode in ("sfl", "sft"):  # every send has its receive and the lists run to the end
         assert sched.simulate_shared(star_step_actions(mode, [3, 1, 2], 3), lambda a: 1.0)["makespan"] > 0
+    two = star_step_actions("sfl", [2, 1], 2, steps=2)  # a round of 2 local steps: the micro-batch is the step
+    assert text(two[1]) == "F2.0 sF2.0>0 rB2.0<0 B2.0 F2.1 sF2.1>0 rB2.1<0 B2.1" and two[0][:8] == sfl[0]
+    # device 1 forwards 1 s, backward 1 s, the server takes 1 s for each device: device 1 (served last in the
+    # first step) starts its second forward while the server serves device 2, so two steps take less than twice
+    # one step
+    one_step = sched.simulate_shared(sfl, lambda a: 1.0)["makespan"]
+    assert one_step == 6.0 and sched.simulate_shared(two, lambda a: 1.0)["makespan"] < 2 * one_step
     with pytest.raises(ValueError, match="expected the device ranks 1..2"):
         star_step_actions("sfl", [0, 1], 2)
     with pytest.raises(ValueError, match="mode"):
@@ -307,7 +314,7 @@ def test_bench_systems_share_settings_and_differ_only_where_named():
            "peak_rss_bytes": 2**30, "peak_rss_bytes_per_rank": [2**30, 2**29], "bytes_sent": 3e6, "eval_loss": None}
     table = markdown_table({"results": [row], "machine": {"cpus": 2}})
     assert "| x | all | 10.0 | 1.50 | 2.00 | 1024 / 512 | 3.0 | - |" in table
-    assert "| x | 2.00 | 1.00 | 2.00 | - | 3.25 | - |" in table and "(2 shared cores)" in table
+    assert "| x | 2.00 | 1.00 | 2.00 | +100% | - | 3.25 | - |" in table and "(2 shared cores)" in table
     with pytest.raises(ValueError, match="--repeats: got 0; expected >= 1"):
         run_bench("ring", Path("unused"), True, 0, 4)
 
@@ -374,3 +381,33 @@ def test_time_to_target_reads_curves_and_maps_tdp_onto_the_exact_systems(tmp_pat
         r.update(ranks=1, peak_rss_bytes_per_rank=[2**20], bytes_sent=0)
     assert "| tdp-1f1b-full | 1 | 2.0 | 400 | 4 | 4.0000 | 1 | 0.0 |" in tta_table({"results": results,
                                                                                      "target": target})
+
+
+def test_star_figures_set_the_sfl_server_against_copies_and_fifo_and_the_breakdown_reads_rank_rows():
+    from ringada.bench import breakdown_table, resolved_settings, star_figures, star_figures_table
+
+    # star suite systems under a profile: emulated star, fifo as the order's baseline, depths from --set
+    _, sets, procs = resolved_settings("sfl-fifo", {"run.steps": 8, "star.device_blocks": [8, 6, 4, 2]}, 30, 4,
+                                       "configs/profiles/edge4.yaml")
+    assert (sets["star.schedule"], sets["star.emulate"], sets["star.profile"], procs) == (
+        "fifo", True, "configs/profiles/edge4.yaml", 5)
+    assert sets["star.device_blocks"] == [8, 6, 4, 2] and "pipeline.emulate" not in sets
+    with pytest.raises(ValueError, match="sfl-copy-per-device cannot be emulated"):
+        resolved_settings("sfl-copy-per-device", {"run.steps": 8}, 30, 4, "configs/profiles/edge4.yaml")
+    sfl = {"system": "sfl", "ranks": 9, "server_held_bytes": 100, "server_peak_rss_bytes": 400,
+           "server_step_s": 9.0, "makespan_vs_fifo": 0.9}
+    by = {"sfl": sfl, "sfl-copy-per-device": {"server_held_bytes": 600, "server_peak_rss_bytes": 1000},
+          "sfl-fifo": {"server_step_s": 10.0}}
+    figures = star_figures(by)
+    assert figures["server_memory"]["devices"] == 8
+    assert figures["server_memory"]["held_ratio"] == pytest.approx(1 / 6)
+    assert figures["server_memory"]["peak_rss_ratio"] == pytest.approx(0.4)
+    assert figures["order_vs_fifo"]["measured_ratio"] == pytest.approx(0.9)
+    assert "| sfl | 9.00 | 10.00 | 0.900 | 0.900 |" in star_figures_table({"star_figures": figures})
+    assert star_figures({"sfl": sfl}) == {}
+    rows = [{"rank": 0, "fwd_s": 2.0, "bwd_s": 4.0, "wait_s": 1.0, "train_cpu_s": 7.0},
+            {"rank": 1, "fwd_s": 1.0, "bwd_s": 0.0, "wait_s": 6.0, "train_cpu_s": None}]
+    table = breakdown_table([{"system": "ring", "rank_rows": rows, "steps": 2}])
+    assert "| ring | r0 1.00 / 2.00 / 0.50 / 0.50; r1 0.50 / 0.00 / 3.00 / - |" in table
+    assert "r0 1.00 / 2.00 / 0.50 / -;" in breakdown_table([{"system": "ring", "rank_rows": rows, "steps": 2}],
+                                                           emulated=True)
