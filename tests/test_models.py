@@ -118,3 +118,23 @@ def test_recomputed_blocks_give_the_same_output_and_gradients_with_dropout(tiny_
     assert torch.equal(out0, out1) and len(grads0) == len(grads1) > 0
     assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
     assert in0 is None and in1 is None  # block 0 is below the frontier: no graph reaches the input
+
+
+def test_safetensors_are_read_into_parameters_whatever_their_dtype_and_a_cut_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from ringada.models import _read_safetensors
+
+    src = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3),
+           "e": torch.zeros(0, 2)}
+    path = tmp_path / "m.safetensors"
+    save_file(src, str(path))
+    dst = {"a": torch.empty(3, 4), "b": torch.empty(5), "c": torch.empty(2, 3, dtype=torch.int64),
+           "e": torch.empty(0, 2)}
+    _read_safetensors(path, [(dst[k], k) for k in src])
+    assert all(torch.equal(dst[k], src[k].to(dst[k].dtype)) for k in src)  # bf16 widened to the fp32 parameter
+    with pytest.raises(ValueError, match="shape"):
+        _read_safetensors(path, [(torch.empty(4, 3), "a")])
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="cut short"):
+        _read_safetensors(path, [(torch.empty(3, 4), "a"), (torch.empty(5), "b"), (dst["c"], "c")])
