@@ -46,7 +46,7 @@ COMPRESS_SETTINGS = {
 }
 COMPRESS_SYSTEMS = [f"sft-{name}" for name in COMPRESS_SETTINGS]
 # Time to target: every system trains all it can reach, on the same model, data, batch and token budget.
-TTA_SYSTEMS = ["ring-plateau", "ring-full", "line-full", "tdp-1f1b-full", "sfl", "sft", "single-full"]
+TTA_SYSTEMS = ["ring-plateau", "ring-steps", "ring-full", "line-full", "tdp-1f1b-full", "sfl", "sft", "single-full"]
 SMASHED_KINDS = ("activation", "gradient", "top_hidden", "top_gradient")
 
 
@@ -112,6 +112,9 @@ def system_settings(system: str, num_blocks: int, world: int) -> tuple[str, dict
         return "ringada", {"pipeline.mode": "ring", "unfreeze.initial": top, "unfreeze.increment": top,
                            "unfreeze.by": "plateau", "unfreeze.every": 2, "unfreeze.patience": 1,
                            "unfreeze.min_delta": 0.01}, world
+    if system == "ring-steps":  # top 25% first, 25% more every 2 steps: everything trains from step 6
+        return "ringada", {"pipeline.mode": "ring", "unfreeze.initial": top, "unfreeze.increment": top,
+                           "unfreeze.every": 2}, world
     if system == "line-full":
         return "ringada", {"pipeline.mode": "line"}, world
     if system == "single-full":
@@ -170,6 +173,8 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
                profile: str | None = None) -> dict:
     module, sets, procs = resolved_settings(system, settings, num_blocks, world, profile)
     sets["run.out_dir"] = str(out)
+    if module == "ringada":
+        sets["run.resume"] = False  # a fresh run, even where an earlier bench left checkpoints
     args = [x for kv in _set_args(sets) for x in ("--set", kv)]
     if module == "ringada":
         args = ["train", *args]
@@ -231,7 +236,10 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
     extra["curve"] = eval_curve(out, summary)
     steps = summary["steps"]
     cpu = [r.get("train_cpu_s") for r in ranks]
-    return {"system": system, "trainable": "all" if trains_all(system) else "top 25%", **extra,
+    trainable = "all" if trains_all(system) else "top 25%"
+    if system in ("ring-plateau", "ring-steps"):
+        trainable = "top 25%, then more" + (" on plateaus" if system == "ring-plateau" else " every 2 steps")
+    return {"system": system, "trainable": trainable, **extra,
             "tokens_per_s": summary["tokens_per_s"],
             "step_s": summary.get("train_s", summary["wall_s"]) / steps,
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
@@ -263,8 +271,8 @@ def not_runnable(system: str, device: str, world: int) -> str | None:
 def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, steps: int = 4,
               profile: str | None = None, timeout: float = 1800, device: str = "cpu",
               overrides: list[str] = (), systems: list[str] | None = None, target: float | None = None) -> dict:
-    """Run the suite's systems (with ``profile``: the ring systems ringada can emulate, on those devices and
-    links, next to the simulator's prediction for the same profile) and write bench.json, bench.md and plots.
+    """Run the suite's systems (with ``profile``: the ring or star systems ringada can emulate, on those devices
+    and links, next to the simulator's prediction for the same profile) and write bench.json, bench.md and plots.
     ``device`` is run.device of every run (the simulator's prediction, from CPU block costs, is left out on a
     GPU); ``overrides`` (``key=value``) replace the shared settings (e.g. model.path, data.train)."""
     from .models import num_blocks_of
@@ -304,6 +312,7 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
     skipped = {s: why for s in systems if (why := not_runnable(s, device, world))}
     systems = [s for s in systems if s not in skipped]
     runs: dict[str, list[dict]] = {s: [] for s in systems}
+    own_settings = {s: settings for s in systems}
     for rep in range(repeats):
         order = systems[rep % len(systems):] + systems[:rep % len(systems)]  # rotate to spread drift
         for system in order:
@@ -311,6 +320,7 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
             own = settings
             if suite == "tta" and is_star(system):  # the same token budget: every device trains a batch per step
                 own = {**settings, "run.steps": max(2, settings["run.steps"] // world)}
+            own_settings[system] = own
             runs[system].append(run_system(system, own, out / "runs" / f"{system}-{rep}", world, num_blocks,
                                            timeout, profile))
     results = []
@@ -320,14 +330,16 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
             merged[key] = statistics.median(r[key] for r in rs)
         merged["peak_rss_bytes_per_rank"] = [statistics.median(v) for v in zip(*(r["peak_rss_bytes_per_rank"]
                                                                                  for r in rs))]
-        if merged.get("round_step_s") is not None:
-            merged["round_step_s"] = statistics.median(r["round_step_s"] for r in rs)
+        for key in ("round_step_s", "server_step_s", "server_peak_rss_bytes", "server_rss_before_model_bytes",
+                    "makespan_vs_fifo"):  # star: medians over the rounds, like the table's
+            if all(r.get(key) is not None for r in rs):
+                merged[key] = statistics.median(r[key] for r in rs)
         if merged["train_cpu_s_per_step"] is not None:
             merged["train_cpu_s_per_step"] = statistics.median(r["train_cpu_s_per_step"] for r in rs)
             merged["cpu_utilization"] = merged["train_cpu_s_per_step"] / (merged["step_s"] * cores)
         if device == "cpu":
             merged["predicted_step_s"], merged["predicted_step_s_core_per_rank"] = (
-                predicted_step(system, settings, world, num_blocks, c, profile, merged["partition"])
+                predicted_step(system, own_settings[system], world, num_blocks, c, profile, merged["partition"])
                 for c in (cores, None))
             measured = merged.get("round_step_s") or merged["step_s"]  # star: the rounds' steps
             merged["measured_over_predicted"] = measured / merged["predicted_step_s"]
@@ -596,8 +608,11 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
     (None: a core per rank, as on separate devices of this machine's speed).
 
     tdp: torch.distributed.pipelining propagates ``requires_grad`` between stages, so autograd already stops at
-    the lowest trainable adapter, as the line plan with the same trainable set does. Star: one step of every
-    device through the server's order, on this machine's speed with no link delay."""
+    the lowest trainable adapter, as the line plan with the same trainable set does. Star: a round of
+    star.local_steps steps of every device through the server's order until its last gradient is sent (what
+    ``round_step_s`` measures), at this machine's speed with no link delay, or emulating ``profile``. With more
+    processes than cores the block costs carry the slowdown measured while every core computes
+    (:func:`costs.contention`)."""
     import torch
 
     from . import config as config_mod
@@ -625,8 +640,9 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
                            uplink_mbps=float("inf"), downlink_mbps=float("inf"), latency_ms=0.0)
             step = simulate_star_step(cfg.pipeline.mode, topo.depths, topo.num_blocks, costs,
                                       load_profile(profile) if profile else here, cfg.star.schedule,
-                                      cfg.compress.topk, shared, steps=cfg.star.local_steps)
-            return step["makespan_s"]
+                                      cfg.compress.topk, shared, steps=cfg.star.local_steps,
+                                      recompute=cfg.star.recompute)
+            return step["server_s"]  # what round_step_s measures
         from .runtime import make_topology
 
         partition = partition or make_topology(cfg, 0, procs).partition  # the run's own (capacity plans vary)
@@ -655,12 +671,14 @@ def markdown_table(bench: dict) -> str:
         lines.append(f"| {r['system']} | - | {r['reason']} | - | - | - | - | - |")
     cores = bench.get("machine", {}).get("cpus", "all")
     model = f"{cores} shared cores" + (f", {bench['profile']}'s speeds and links" if bench.get("profile") else "")
-    lines += ["", f"| system | step s | predicted step s ({model}) | measured / predicted | simulator error | "
+    lines += ["", f"| system | step s (star: rounds' training) | predicted step s ({model}) | measured / predicted | "
+              "simulator error | "
               "predicted step s, a core per rank | CPU s per step (all ranks) | CPU busy |",
               "|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = r.get("measured_over_predicted")
-        lines.append(f"| {r['system']} | {r['step_s']:.2f} | {_num(r.get('predicted_step_s'), '.2f')} | "
+        lines.append(f"| {r['system']} | {r.get('round_step_s') or r['step_s']:.2f} | "
+                     f"{_num(r.get('predicted_step_s'), '.2f')} | "
                      f"{_num(ratio, '.2f')} | {_num(None if ratio is None else ratio - 1, '+.0%')} | "
                      f"{_num(r.get('predicted_step_s_core_per_rank'), '.2f')} | "
                      f"{_num(r.get('train_cpu_s_per_step'), '.2f')} | {_num(r.get('cpu_utilization'), '.0%')} |")
@@ -687,7 +705,9 @@ def breakdown_table(results: list[dict], emulated: bool = False) -> str:
     Emulated compute includes its sleeps, so there the last figure is left out."""
     lines = ["| system | per rank, per step: forward / backward / waiting / CPU outside compute (s) |", "|---|---|"]
     for r in results:
-        rows, steps = r.get("rank_rows") or [], r.get("steps") or 1
+        rows, steps = r.get("rank_rows") or [], r.get("steps")
+        if not steps:  # results written before steps were recorded: no per-step figures
+            continue
         cells = []
         for row in rows:
             if None in (row.get("fwd_s"), row.get("bwd_s"), row.get("wait_s")):

@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--world", type=int, required=True, help="number of ranks (star: 1 server + devices)")
     sim.add_argument("--steps", type=int, default=None, help="steps to simulate (default run.steps)")
     sim.add_argument("--cores", type=int, default=None,
-                     help="the ranks share this many cores of one box (emulated or not), so a step takes at least "
-                     "its compute at this machine's speed / cores (default: a core per rank)")
+                     help="the ranks share this many cores of one box (emulated or not): the ranks with work "
+                     "share them event by event (default: a core per rank)")
     bench = sub.add_parser("bench", help="run systems side by side and write bench.json, bench.md and plots",
                            description="Runs systems on the same model, data, adapters and steps (SmolLM2 + "
                            "Shakespeare by default; --smoke: a tiny model), in rotating rounds, and reports tokens/s "
@@ -318,7 +318,8 @@ def _simulate(cfg, args) -> int:
             profile = load_profile(cfg.star.profile)
             costs = block_costs(cfg, cfg.data.batch_size)
             step = simulate_star_step(cfg.pipeline.mode, topo.depths, topo.num_blocks, costs, profile,
-                                      cfg.star.schedule, cfg.compress.topk, args.cores)
+                                      cfg.star.schedule, cfg.compress.topk, args.cores, steps=cfg.star.local_steps,
+                                      emulated=cfg.star.emulate, recompute=cfg.star.recompute)
             result = {"mode": cfg.pipeline.mode, "world_size": args.world, "simulated": True,
                       "steps": cfg.run.steps, "step": step,
                       "wall_s": step["makespan_s"] * cfg.run.steps,

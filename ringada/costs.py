@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
 import statistics
 import time
 from dataclasses import asdict, dataclass, fields
@@ -143,13 +144,24 @@ def _timed_workers(cfg: Config, rows: int, procs: int, repeats: int) -> list[flo
         config = Path(tmp) / "config.yaml"
         config.write_text(dump(cfg))
         barrier, results = ctx.Barrier(procs), ctx.Queue()
-        workers = [ctx.Process(target=_block_worker, args=(str(config), rows, repeats, barrier, results))
-                   for _ in range(procs)]
-        for w in workers:
-            w.start()
-        times = [results.get(timeout=600) for _ in workers]
-        for w in workers:
-            w.join()
+        workers = [ctx.Process(target=_block_worker, args=(str(config), rows, repeats, barrier, results),
+                               daemon=True) for _ in range(procs)]
+        try:
+            for w in workers:
+                w.start()
+            times = []
+            for _ in workers:
+                try:
+                    times.append(results.get(timeout=600))
+                except queue.Empty:
+                    codes = [w.exitcode for w in workers]
+                    raise RuntimeError(f"measuring contention: a worker gave no result in 600 s (exit codes "
+                                       f"{codes})") from None
+        finally:
+            for w in workers:
+                if w.is_alive():
+                    w.terminate()
+                w.join()
     return times
 
 
@@ -174,5 +186,5 @@ def _block_worker(config: str, rows: int, repeats: int, barrier, results) -> Non
         return time.perf_counter() - t0
 
     step()  # warm up allocators and kernels
-    barrier.wait()
+    barrier.wait(timeout=600)
     results.put(statistics.median(step() for _ in range(repeats)))

@@ -448,6 +448,9 @@ def _read_safetensors(file: Path, targets: list[tuple[torch.Tensor, str]]) -> No
         for dst, key in targets:
             info = header[key]
             start, end = info["data_offsets"]
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(f"{file}: {key} is stored as {info['dtype']}; readable dtypes: "
+                                 f"{', '.join(_ST_DTYPES)}")
             dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
             if shape != tuple(dst.shape):
                 raise ValueError(f"{file}: {key} has shape {list(shape)}, the model expects {list(dst.shape)}")

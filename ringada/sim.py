@@ -161,14 +161,18 @@ def star_step_actions(mode: str, order: Sequence[int], U: int, steps: int = 1) -
 
 def simulate_star_step(mode: str, depths: list[int], num_blocks: int, costs: Costs, profile: Profile,
                        policy: str = "heuristic", keep_ratio: float = 1.0, cores: int | None = None,
-                       msg_cost_per_byte: float = 0.0, steps: int = 1) -> dict:
-    """Predicted time of a local step of every device in a star round (all devices active; ``makespan_s``: the
-    time of ``steps`` local steps over ``steps``, which lets a device's next forward overlap the server's work
-    for the others, as in a round of star.local_steps), as the emulation
-    runs it: compute at this machine's speed, a device (or the server) slower than it sleeping the rest (a speed
-    above 1 counts as 1), and every message held for latency + bytes / bandwidth of the uplink (to the server) or
-    the downlink (back), with the whole link to itself, as star.emulate does. ``cores`` and ``msg_cost_per_byte``:
-    see the module docstring.
+                       msg_cost_per_byte: float = 0.0, steps: int = 1, emulated: bool = True,
+                       recompute: bool = False) -> dict:
+    """Predicted time of a local step of every device in a star round (all devices active).
+
+    ``makespan_s`` is the time of ``steps`` local steps over ``steps`` (a device's next forward overlaps the
+    server's work for the others, as in a round of star.local_steps); ``server_s`` the same until the server's
+    last gradient is sent, which is what a round's measured training time covers. ``emulated`` (the bench's
+    runs, star.emulate): compute at this machine's speed, a device (or the server) slower than it sleeping the
+    rest (a speed above 1 counts as 1), and every message held for latency + bytes / bandwidth of the uplink
+    (to the server) or the downlink (back), with the whole link to itself. Otherwise (real devices, `ringada
+    simulate`): compute at each profile speed and a link shared by the devices. ``recompute``: star.recompute's
+    second forward of the server's blocks. ``cores`` and ``msg_cost_per_byte``: see the module docstring.
 
     `sfl` serves in ``server_order(policy, ...)`` of the release (device forward + uplink), server and tail
     (downlink + device backward) times each device would take on a core of its own; ``fifo_makespan_s`` is the
@@ -176,14 +180,21 @@ def simulate_star_step(mode: str, depths: list[int], num_blocks: int, costs: Cos
     which differs only when the server is slower than this machine and shares cores."""
     U, L = len(depths), num_blocks
     speeds = [profile.speed(d.gflops) for d in profile.devices[:U]] if len(profile.devices) >= U else [1.0] * U
-    slowdown = [emulated_slowdown(profile.speed(profile.server_gflops))] + [emulated_slowdown(s) for s in speeds]
-    work = {}  # stage -> (forward, backward) CPU seconds on this machine
+    server_speed = profile.speed(profile.server_gflops)
+    if emulated:
+        slowdown = [emulated_slowdown(server_speed)] + [emulated_slowdown(s) for s in speeds]
+        pace, share = [1.0] * (U + 1), 1
+    else:  # real devices: compute at each one's own speed, faster than this machine too, and a shared uplink
+        slowdown, pace, share = [0.0] * (U + 1), [server_speed, *speeds], U
+    work = {}  # stage -> (forward, backward) CPU seconds on this machine (emulated) or on the device itself
+    redo = 1.0 if recompute else 0.0  # star.recompute: the server runs its blocks' forward again in the backward
     for u, d in enumerate(depths, 1):
-        work[2 * u] = (costs.embed_s + d * costs.block_fwd_s, d * costs.block_bwd_s)
-        work[2 * u + 1] = ((L - d) * costs.block_fwd_s + costs.head_fwd_s, (L - d) * costs.block_bwd_s
-                           + costs.head_bwd_s)
+        work[2 * u] = ((costs.embed_s + d * costs.block_fwd_s) / pace[u], d * costs.block_bwd_s / pace[u])
+        work[2 * u + 1] = (((L - d) * costs.block_fwd_s + costs.head_fwd_s) / pace[0],
+                           ((L - d) * (costs.block_bwd_s + redo * costs.block_fwd_s) + costs.head_bwd_s) / pace[0])
     nbytes = costs.act_bytes * keep_ratio + HEADER_BYTES  # an activation up, its gradient (the same shape) down
-    up, down = profile.link_seconds(nbytes, profile.uplink_mbps), profile.link_seconds(nbytes, profile.downlink_mbps)
+    up = profile.link_seconds(nbytes, profile.uplink_mbps / share)
+    down = profile.link_seconds(nbytes, profile.downlink_mbps / share)
     msg = _per_byte(msg_cost_per_byte, lambda a: nbytes)
 
     def cost(a: sched.Action) -> float:
@@ -197,8 +208,9 @@ def simulate_star_step(mode: str, depths: list[int], num_blocks: int, costs: Cos
                                      slowdown=slowdown, msg_cost=msg)
 
     def out(order: list[int], result: dict) -> dict:
-        return {"makespan_s": result["makespan"] / steps, "order": order, "cpu_s": sum(result["cpu"]) / steps,
-                "utilization": result["utilization"]}
+        # server_s: until the server's last gradient is sent, what a round's measured training time covers
+        return {"makespan_s": result["makespan"] / steps, "server_s": result["finish"][0] / steps, "order": order,
+                "cpu_s": sum(result["cpu"]) / steps, "utilization": result["utilization"]}
 
     if mode == "sft":
         order = list(range(1, U + 1))

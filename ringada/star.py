@@ -547,10 +547,15 @@ class DeviceTrainer(Trainer):
                 stats = [0.0, 0, 0]
                 for j, batch in enumerate(self.eval_batches):
                     step = -1 - j
-                    self._send_activation(batch, step, self.lower_forward(batch, train=False), 0.0)
+                    t0 = time.perf_counter()
+                    hidden = self.lower_forward(batch, train=False)
+                    self._emulate(t0)
+                    self._send_activation(batch, step, hidden, 0.0)
                     if self.privacy:
                         top = link.recv("top", step)[0]
+                        t1 = time.perf_counter()
                         _, s = self.head_loss(top, batch, train=False)
+                        self._emulate(t1)
                         stats = [a + b for a, b in zip(stats, s)]
                 link.send("eval_stats", -1, [torch.tensor(stats, dtype=torch.float64)])
             link.flush()
@@ -731,6 +736,11 @@ class Server:
         self.link_s = emulated_links(cfg, topo.world_size - 1) if cfg.star.emulate else None
         self.device_loss: dict[int, float] = {}  # each device's last training loss (client selection)
 
+    def _emulate(self, compute_s: float) -> None:
+        """star.emulate: stretch ``compute_s`` seconds of the server's compute to its profile speed."""
+        if self.slowdown:
+            time.sleep(compute_s * self.slowdown)
+
     def set_name(self, device: int) -> str:
         return "shared" if self.sft else f"dev{device}"
 
@@ -786,7 +796,7 @@ class Server:
         alive = [u for u in devices if u in received]
         if not alive:
             return StepOutcome()
-        t0 = time.perf_counter()
+        t0, computed = time.perf_counter(), self.fwd_s + self.bwd_s
         name = self.set_name(alive[0])
         self.activate(alive[0])
         hiddens, masks = [received[u][0] for u in alive], [received[u][1] for u in alive]
@@ -803,8 +813,8 @@ class Server:
             outcome.nonfinite = (f"non-finite loss ({outcome.loss_sum}) or gradient norm ({math.sqrt(sq)}) at step "
                                  f"{step} on the server ({who})")
         skip = torch.tensor([int(outcome.nonfinite is not None)], dtype=torch.int64)
-        if self.slowdown:
-            time.sleep((time.perf_counter() - t0) * self.slowdown)
+        # its own compute only: under label privacy the step also waited for the devices' heads
+        self._emulate(self.fwd_s + self.bwd_s - computed)
         for u in outcome.devices:
             with exchange(u, step, "sending the activation gradient"):
                 links[u].send("gradient", step, [hiddens[alive.index(u)].grad, skip])
@@ -853,9 +863,9 @@ class Server:
                 t0 = time.perf_counter()
                 torch.autograd.backward([top], [counts[u] * grad])  # the gradient of its loss sum
             else:
+                t0 = time.perf_counter()  # the chunked head takes its gradient in its forward: both count here
                 loss, _ = head_loss_sum(cut, top, masks[i], labels[i])
                 counts[u], loss_u = Batch(labels[i], labels[i]).count(), float(loss.detach())
-                t0 = time.perf_counter()
                 loss.backward()
             self.bwd_s += time.perf_counter() - t0
             del top
@@ -904,13 +914,13 @@ class Server:
             total = sum(counts)
             weights = [c / total for c in counts] if self.sft else [1.0] * len(devices)
             losses = []
+            t0 = time.perf_counter()  # the chunked head takes its gradient in its forward: both count as backward
             for top, mask, lab, c in zip(tops, masks, labels, counts):
                 losses.append(head_loss_sum(self.cut_for(devices[0]), top, mask, lab)[0])
             loss_value = float(sum(l.detach() for l in losses))
             for u, l, c in zip(devices, losses, counts):
                 self.device_loss[u] = float(l.detach()) / max(c, 1)
             joint = sum(w * l / c for w, l, c in zip(weights, losses, counts))
-            t0 = time.perf_counter()
             joint.backward()
             self.bwd_s += time.perf_counter() - t0
         for w, u in zip(weights, kept):
@@ -926,14 +936,17 @@ class Server:
         for j in range(batches):
             step = -1 - j
             hidden, mask, labels, _, _ = self._receive(link, step, train=False)
+            t0 = time.perf_counter()
             top = self._upper([device], [hidden], [mask], train=False, step=step)[0]
             if self.privacy:
+                self._emulate(time.perf_counter() - t0)
                 link.send("top", step, [top])
             else:
                 loss_total, hits = head_loss_sum(self.cut_for(device), top, mask, labels)
                 loss += float(loss_total)
                 count += Batch(labels, labels).count()
                 correct += hits
+                self._emulate(time.perf_counter() - t0)
         device_stats = link.recv("eval_stats", -1)[0].tolist()
         link.flush()
         return eval_record(loss + device_stats[0], count + int(device_stats[1]), correct + int(device_stats[2]),

@@ -411,3 +411,27 @@ def test_star_figures_set_the_sfl_server_against_copies_and_fifo_and_the_breakdo
     assert "| ring | r0 1.00 / 2.00 / 0.50 / 0.50; r1 0.50 / 0.00 / 3.00 / - |" in table
     assert "r0 1.00 / 2.00 / 0.50 / -;" in breakdown_table([{"system": "ring", "rank_rows": rows, "steps": 2}],
                                                            emulated=True)
+
+
+def test_star_step_real_devices_recompute_and_the_servers_own_time():
+    from ringada.profiles import DeviceSpec, Profile
+    from ringada.sim import simulate_star_step
+
+    # one device at twice this machine's speed, a server at this machine's: L = 4 blocks, the device holds 1
+    profile = Profile(server_gflops=50, devices=(DeviceSpec("fast", 100, 1),), uplink_mbps=1e9, downlink_mbps=1e9,
+                      latency_ms=0)
+    emulated = simulate_star_step("sfl", [1], 4, _unit_costs(), profile)
+    real = simulate_star_step("sfl", [1], 4, _unit_costs(), profile, emulated=False)
+    # emulated: a faster device cannot be emulated (speed 1): 1 + 3 * 3 + 2 = 12; real: 0.5 + 9 + 1 = 10.5
+    assert emulated["makespan_s"] == pytest.approx(12.0) and real["makespan_s"] == pytest.approx(10.5)
+    # the server's own time ends with its gradient send, before the device's backward
+    assert emulated["server_s"] == pytest.approx(10.0)
+    # star.recompute: the server's backward runs its 3 blocks' forward again
+    assert simulate_star_step("sfl", [1], 4, _unit_costs(), profile, recompute=True)["makespan_s"] == \
+        pytest.approx(15.0)
+    # real devices share the uplink: 2 devices, 1 MB each over 8 Mbit/s take 2 s instead of 1
+    two = Profile(server_gflops=50, devices=(DeviceSpec("a", 50, 1), DeviceSpec("b", 50, 1)), uplink_mbps=8,
+                  downlink_mbps=1e9, latency_ms=0)
+    costs = _unit_costs(block_fwd_s=0.0, block_bwd_s=0.0, act_bytes=1_000_000)
+    assert simulate_star_step("sft", [1, 1], 2, costs, two, emulated=False)["makespan_s"] == \
+        pytest.approx(2 * (1_000_000 + 64) * 8 / 8e6, rel=1e-3)
