@@ -147,8 +147,9 @@ def resolved_settings(system: str, settings: dict, num_blocks: int, world: int,
     """(entry module, every --set of the run, processes) of one system; with a ``profile`` the run emulates its
     devices and links on this machine and partitions by capacity."""
     module, extra, procs = system_settings(system, num_blocks, world)
-    if "star.device_blocks" in settings:  # --set star.device_blocks=[...] chooses the devices' depths
-        extra.pop("star.device_blocks", None)
+    for key in ("star.device_blocks", "star.rounds"):  # --set chooses the devices' depths and the rounds
+        if key in settings:
+            extra.pop(key, None)
     sets = {**settings, **extra, "pipeline.schedule": "gpipe" if system == "tdp-gpipe" else "1f1b"}
     if profile:
         if system not in EMULATED_SYSTEMS + EMULATED_STAR_SYSTEMS:
@@ -188,6 +189,10 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if result.returncode == 2:  # a setting refused before training (e.g. no split fits the profile's memory)
+        why = next((line.split("config error:", 1)[1].strip() for line in result.stderr.splitlines()
+                    if "config error:" in line), result.stderr.strip()[-500:])
+        raise Refused(f"not run: {why}")
     if result.returncode != 0:
         raise RuntimeError(f"{system} failed:\n{result.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
@@ -254,6 +259,10 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
             "process_s": time.perf_counter() - t0}
 
 
+class Refused(RuntimeError):
+    """A system's run refused its settings before training (exit code 2): reported as not run."""
+
+
 def not_runnable(system: str, device: str, world: int) -> str | None:
     """Why ``system`` cannot run here, or None. torch.distributed.pipelining sends CUDA tensors point to point,
     which gloo does not carry, so on a GPU it needs NCCL and a GPU per rank."""
@@ -312,19 +321,23 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
     skipped = {s: why for s in systems if (why := not_runnable(s, device, world))}
     systems = [s for s in systems if s not in skipped]
     runs: dict[str, list[dict]] = {s: [] for s in systems}
-    own_settings = {s: settings for s in systems}
     for rep in range(repeats):
         order = systems[rep % len(systems):] + systems[:rep % len(systems)]  # rotate to spread drift
         for system in order:
+            if system in skipped:
+                continue
             log.info("bench round %d/%d: %s", rep + 1, repeats, system)
-            own = settings
-            if suite == "tta" and is_star(system):  # the same token budget: every device trains a batch per step
-                own = {**settings, "run.steps": max(2, settings["run.steps"] // world)}
-            own_settings[system] = own
-            runs[system].append(run_system(system, own, out / "runs" / f"{system}-{rep}", world, num_blocks,
-                                           timeout, profile))
+            try:
+                runs[system].append(run_system(system, own_settings(suite, system, settings, world),
+                                               out / "runs" / f"{system}-{rep}", world, num_blocks, timeout,
+                                               profile))
+            except Refused as e:
+                log.warning("%s: %s", system, e)
+                skipped[system] = str(e)
     results = []
     for system, rs in runs.items():
+        if not rs:
+            continue
         merged = dict(rs[0])  # rank_rows: those of the first round
         for key in ("tokens_per_s", "step_s", "peak_rss_bytes", "bytes_sent"):
             merged[key] = statistics.median(r[key] for r in rs)
@@ -337,33 +350,25 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
         if merged["train_cpu_s_per_step"] is not None:
             merged["train_cpu_s_per_step"] = statistics.median(r["train_cpu_s_per_step"] for r in rs)
             merged["cpu_utilization"] = merged["train_cpu_s_per_step"] / (merged["step_s"] * cores)
-        if device == "cpu":
-            merged["predicted_step_s"], merged["predicted_step_s_core_per_rank"] = (
-                predicted_step(system, own_settings[system], world, num_blocks, c, profile, merged["partition"])
-                for c in (cores, None))
-            measured = merged.get("round_step_s") or merged["step_s"]  # star: the rounds' steps
-            merged["measured_over_predicted"] = measured / merged["predicted_step_s"]
         results.append(merged)
+    if device == "cpu":
+        add_predictions(results, suite, settings, world, num_blocks, cores, profile)
     by_name = {r["system"]: r for r in results}
     for r in results:
         base, ref = by_name.get("tdp-1f1b"), by_name.get(reference_of(r["system"]) or "")
         r["tokens_per_s_vs_tdp_1f1b"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
         r["vs_tdp_1f1b_same_trainable"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
-    errors = [abs(r["measured_over_predicted"] - 1) for r in results if "measured_over_predicted" in r]
     bench = {"suite": suite, "smoke": smoke, "repeats": repeats, "world_size": world, "settings": settings,
              "profile": profile, "device": device, "machine": machine(device), "results": results,
              "not_run": [{"system": s, "reason": why} for s, why in skipped.items()],
-             "simulator_mean_abs_error": sum(errors) / len(errors) if errors else None}
+             "simulator_mean_abs_error": simulator_error(results)}
     if suite in ("star", "all"):
         bench["star_figures"] = star_figures(by_name)
     if suite == "compress":
         compression_sweep(bench)
     if suite == "tta":
         bench["target"] = time_to_target(bench["results"], target)
-    (out / "bench.json").write_text(json.dumps(bench, indent=2))
-    (out / "bench.md").write_text(markdown_table(bench) + ("\n" + sweep_table(bench) if suite == "compress" else "")
-                                  + ("\n" + tta_table(bench) if suite == "tta" else "")
-                                  + ("\n" + star_figures_table(bench) if bench.get("star_figures") else ""))
+    write_bench(bench, out)
     plot(bench, out)
     if suite == "compress":
         plot_sweep(bench, out)
@@ -372,10 +377,60 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
     return bench
 
 
+def own_settings(suite: str, system: str, settings: dict, world: int) -> dict:
+    """The shared settings as ``system`` runs them: in the tta suite a star device trains a batch per step, so
+    star systems get steps / devices steps (the same token budget)."""
+    if suite == "tta" and is_star(system):
+        return {**settings, "run.steps": max(2, settings["run.steps"] // world)}
+    return settings
+
+
+def add_predictions(results: list[dict], suite: str, settings: dict, world: int, num_blocks: int, cores: int,
+                    profile: str | None) -> None:
+    """The time model's step beside each measured one: ``predicted_step_s`` (the ranks sharing ``cores``),
+    ``predicted_step_s_core_per_rank`` and ``measured_over_predicted`` (star: the rounds' steps)."""
+    for r in results:
+        own = own_settings(suite, r["system"], settings, world)
+        r["predicted_step_s"], r["predicted_step_s_core_per_rank"] = (
+            predicted_step(r["system"], own, world, num_blocks, c, profile, r.get("partition")) for c in (cores, None))
+        r["measured_over_predicted"] = (r.get("round_step_s") or r["step_s"]) / r["predicted_step_s"]
+
+
+def simulator_error(results: list[dict]) -> float | None:
+    errors = [abs(r["measured_over_predicted"] - 1) for r in results if "measured_over_predicted" in r]
+    return sum(errors) / len(errors) if errors else None
+
+
+def write_bench(bench: dict, out: Path) -> None:
+    suite = bench["suite"]
+    (out / "bench.json").write_text(json.dumps(bench, indent=2))
+    (out / "bench.md").write_text(markdown_table(bench) + ("\n" + sweep_table(bench) if suite == "compress" else "")
+                                  + ("\n" + tta_table(bench) if suite == "tta" else "")
+                                  + ("\n" + star_figures_table(bench) if bench.get("star_figures") else ""))
+
+
+def repredict(out: Path) -> dict:
+    """The time model again for a finished bench (DIR/bench.json), e.g. after the block costs were measured
+    anew on a quiet machine (delete the cached files under the cache's costs/); rewrites bench.json and
+    bench.md."""
+    from .models import num_blocks_of
+
+    bench = json.loads((out / "bench.json").read_text())
+    settings = bench["settings"]
+    add_predictions(bench["results"], bench["suite"], settings, bench["world_size"],
+                    num_blocks_of(settings["model.path"]), bench["machine"]["cpus"], bench.get("profile"))
+    bench["simulator_mean_abs_error"] = simulator_error(bench["results"])
+    if bench["suite"] in ("star", "all"):
+        bench["star_figures"] = star_figures({r["system"]: r for r in bench["results"]})
+    write_bench(bench, out)
+    return bench
+
+
 def star_figures(by_name: dict) -> dict:
     """What the star suite decides: the sfl server's memory against one server copy per device (accounted bytes
-    and peak RSS, both measured on the server rank), and the server's order against FIFO (the median measured
-    step time of the same run with star.schedule=fifo), where the runs are in the bench."""
+    and peak RSS, both measured on the server rank), and the server's order against FIFO: the training time per
+    step, round ends included (a round ends when the last device's backward is done), of the same run with
+    star.schedule=fifo, and the server's median step beside it; where the runs are in the bench."""
     figures: dict = {}
     sfl, copies, fifo = (by_name.get(s) for s in ("sfl", "sfl-copy-per-device", "sfl-fifo"))
     if sfl and copies:
@@ -393,8 +448,9 @@ def star_figures(by_name: dict) -> dict:
                                              "copy_per_device_peak_rss_growth_bytes": grown[1],
                                              "peak_rss_growth_ratio": grown[0] / grown[1]})
     if sfl and fifo and sfl.get("server_step_s") and fifo.get("server_step_s"):
-        figures["order_vs_fifo"] = {"step_s": sfl["server_step_s"], "fifo_step_s": fifo["server_step_s"],
-                                    "measured_ratio": sfl["server_step_s"] / fifo["server_step_s"],
+        figures["order_vs_fifo"] = {"step_s": sfl["step_s"], "fifo_step_s": fifo["step_s"],
+                                    "measured_ratio": sfl["step_s"] / fifo["step_s"],
+                                    "server_step_s": sfl["server_step_s"], "fifo_server_step_s": fifo["server_step_s"],
                                     "modelled_ratio": sfl.get("makespan_vs_fifo")}
     return figures
 
@@ -415,9 +471,10 @@ def star_figures_table(bench: dict) -> str:
                      f"{m['peak_rss_growth_ratio']:.2f} |" if grown is not None else "- | - | - |"), ""]
     if "order_vs_fifo" in figures:
         o = figures["order_vs_fifo"]
-        lines += ["| server order | step s (median) | FIFO step s (median) | measured ratio | modelled ratio |",
-                  "|---|---|---|---|---|",
+        lines += ["| server order | step s | FIFO step s | measured ratio | server's median step s | FIFO's | "
+                  "modelled ratio (one step) |", "|---|---|---|---|---|---|---|",
                   f"| sfl | {o['step_s']:.2f} | {o['fifo_step_s']:.2f} | {o['measured_ratio']:.3f} | "
+                  f"{_num(o.get('server_step_s'), '.2f')} | {_num(o.get('fifo_server_step_s'), '.2f')} | "
                   f"{_num(o['modelled_ratio'], '.3f')} |", ""]
     return "\n".join(lines)
 
