@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -189,10 +190,13 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if result.returncode == 2:  # a setting refused before training (e.g. no split fits the profile's memory)
-        why = next((line.split("config error:", 1)[1].strip() for line in result.stderr.splitlines()
-                    if "config error:" in line), result.stderr.strip()[-500:])
-        raise Refused(f"not run: {why}")
+    # a setting refused before training (e.g. no split fits the profile's memory): exit code 2 (under torchrun,
+    # its ranks' exit code), and rank 0's error names the setting
+    if result.returncode == 2 or re.search(r"exitcode\s*:\s*2\b", result.stderr):
+        errors = [line.split("error:", 1)[1].strip() for line in result.stderr.splitlines()
+                  if line.startswith("ringada:") and "error:" in line]
+        raise Refused("not run: " + next((e for e in errors if "refused to start" not in e),
+                                         errors[0] if errors else result.stderr.strip()[-500:]))
     if result.returncode != 0:
         raise RuntimeError(f"{system} failed:\n{result.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
@@ -260,7 +264,7 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
 
 
 class Refused(RuntimeError):
-    """A system's run refused its settings before training (exit code 2): reported as not run."""
+    """A system's run refused its settings before training (a config error): reported as not run."""
 
 
 def not_runnable(system: str, device: str, world: int) -> str | None:
