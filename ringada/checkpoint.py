@@ -44,12 +44,13 @@ KEEP = 2  # complete checkpoints kept on disk (the newest one, and one to fall b
 # What may differ between the run that wrote a checkpoint and the one continuing it. Partition, world size,
 # schedule and micro-batches only change how the same sums are split (the continuation equals a single process
 # resumed from the same checkpoint); optim.lr and grad_clip are the usual rescue after a divergence; compress.eval
-# only chooses which evaluation is the headline; star.emulate and star.recompute change time and memory only.
+# only chooses which evaluation is the headline; star.emulate, star.recompute and star.server_micro_batches change
+# time and memory only.
 _RESUMABLE_CHANGES = {"run.steps", "run.resume", "run.checkpoint_every", "run.eval_every", "run.eval_batches",
                       "run.log_every", "run.message_log", "run.threads", "run.out_dir", "run.timeout_s",
                       "optim.lr", "optim.grad_clip", "optim.on_nonfinite", "pipeline.mode", "pipeline.schedule",
                       "pipeline.partition", "pipeline.profile", "pipeline.emulate", "data.micro_batches",
-                      "star.rounds", "star.emulate", "star.recompute",
+                      "star.rounds", "star.emulate", "star.recompute", "star.server_micro_batches",
                       "compress.eval"}
 
 

@@ -208,6 +208,10 @@ class StarConfig:
     """The server keeps only the input of each of its blocks and runs the block again in the backward
     (activation checkpointing): its activations shrink from every server block's to one block's, for one more
     forward of its blocks. The same adapters are learned."""
+    server_micro_batches: int = 1
+    """The server runs each device's batch through its blocks and the head in this many pieces of rows, and
+    accumulates the gradient: it holds one piece's activations at once instead of the whole batch's. Devices
+    still send one batch per step; the same adapters are learned (the gradient's sums run in another order)."""
     server_copies: bool = False
     """sfl baseline: the server keeps a separate copy of its blocks per device (what memory-efficient SFL
     avoids), to measure the memory it saves."""
@@ -607,6 +611,16 @@ def validate(cfg: Config) -> None:
                                           "per device step (set it to 1)")
         _require(unf.every == 0, f"unfreeze.every: got {unf.every}; star modes train all adapters (set it to 0)")
         _require(adapter.kind == "lora", f"adapter.kind: got {adapter.kind!r}; star modes use per-device LoRA sets")
+        _require(1 <= star.server_micro_batches <= data.batch_size,
+                 f"star.server_micro_batches: got {star.server_micro_batches}; expected 1..data.batch_size "
+                 f"({data.batch_size})")
+        _require(star.server_micro_batches == 1 or not star.label_privacy,
+                 f"star.server_micro_batches: got {star.server_micro_batches} with star.label_privacy=true; the "
+                 "devices' heads need the whole batch's top hidden state in one message (set it to 1)")
+        _require(star.server_micro_batches == 1 or adapter.dropout == 0,
+                 f"star.server_micro_batches: got {star.server_micro_batches} with adapter.dropout="
+                 f"{adapter.dropout}; adapter dropout draws one mask per batch, so pieces would learn something "
+                 "else than one process (set it to 1, or adapter.dropout to 0)")
         _require(optim.grad_clip == 0, f"optim.grad_clip: got {optim.grad_clip}; star modes do not clip (devices and "
                                        "server step separately); set it to 0")
         if star.devices_per_round:

@@ -801,7 +801,7 @@ class Server:
         self.activate(alive[0])
         hiddens, masks = [received[u][0] for u in alive], [received[u][1] for u in alive]
         labels = [received[u][2] for u in alive]
-        if self.sft and len(alive) > 1:
+        if (self.sft and len(alive) > 1) or self.cfg.star.server_micro_batches > 1:
             outcome = self._device_by_device(alive, hiddens, masks, labels, step, links, exchange)
         else:
             tops = self._upper(alive, hiddens, masks, train=True, step=step)
@@ -837,7 +837,8 @@ class Server:
 
     def _device_by_device(self, devices, hiddens, masks, labels, step, links, exchange) -> StepOutcome:
         """sft: the shared set's gradient of sum_u w_u * loss_u (w_u = targets_u / targets) accumulated one
-        device at a time, so that the server holds one device's activations at once (Note: sft memory).
+        device at a time, so that the server holds one device's activations at once (Note: sft memory); with
+        star.server_micro_batches > 1 (sfl too), one piece of a device's rows at a time.
 
         Note (sft memory). Joined into one batch, every device's activations through the server's blocks (and
         their head's logits) are alive together until the backward: the sft server's peak RSS was 2.5x the
@@ -848,8 +849,8 @@ class Server:
         cut = self.cut_for(devices[0])
         kept, counts, loss_value = [], {}, 0.0
         for i, u in enumerate(devices):
-            top = self._upper([u], [hiddens[i]], [masks[i]], train=True, step=step)[0]
             if self.privacy:
+                top = self._upper([u], [hiddens[i]], [masks[i]], train=True, step=step)[0]
                 grad = None
                 with exchange(u, step, "sending the top hidden state"):
                     links[u].send("top", step, [top])
@@ -862,13 +863,22 @@ class Server:
                 counts[u], loss_u = int(stats[1]), stats[0]
                 t0 = time.perf_counter()
                 torch.autograd.backward([top], [counts[u] * grad])  # the gradient of its loss sum
-            else:
-                t0 = time.perf_counter()  # the chunked head takes its gradient in its forward: both count here
-                loss, _ = head_loss_sum(cut, top, masks[i], labels[i])
-                counts[u], loss_u = Batch(labels[i], labels[i]).count(), float(loss.detach())
-                loss.backward()
-            self.bwd_s += time.perf_counter() - t0
-            del top
+                self.bwd_s += time.perf_counter() - t0
+                del top
+            else:  # star.server_micro_batches pieces of rows, one piece's activations at a time
+                rows = hiddens[i].shape[0]
+                pieces = self.cfg.star.server_micro_batches
+                bounds = [k * rows // pieces for k in range(pieces + 1)]
+                counts[u], loss_u = Batch(labels[i], labels[i]).count(), 0.0
+                for a, b in zip(bounds, bounds[1:]):
+                    mask = masks[i][a:b] if masks[i] is not None else None
+                    top = self._upper([u], [hiddens[i][a:b]], [mask], train=True, step=step)[0]
+                    t0 = time.perf_counter()  # the chunked head takes its gradient in its forward: both count here
+                    loss, _ = head_loss_sum(cut, top, mask, labels[i][a:b])
+                    loss_u += float(loss.detach())
+                    loss.backward()
+                    self.bwd_s += time.perf_counter() - t0
+                    del top, loss
             hiddens[i].grad.div_(max(counts[u], 1))  # the gradient of the device's own mean loss
             self.device_loss[u] = loss_u / max(counts[u], 1)
             loss_value += loss_u
@@ -1146,6 +1156,8 @@ class ServerTrainer(Trainer):
                                  "steps_done": int(info[0]), "last_bwd_s": info[2]}
                     if info[1]:
                         nonfinite = nonfinite or f"non-finite gradient norm on device {u} in round {t}"
+        # until every device's last backward is done and its adapters are here: the round's makespan
+        trained_s = time.perf_counter() - round_start
         commit = not (nonfinite and cfg.optim.on_nonfinite == "stop")
         finished = [u for u in selected if plan[u] == local and u in views]
         dropped = [u for u in selected if plan[u] < local]
@@ -1163,7 +1175,7 @@ class ServerTrainer(Trainer):
             delay = prof.release.get(u, 0.0) + prof.server.get(u, 0.0) + prof.tail.get(u, 0.0)
             srv.selector.record(u, u in finished, srv.device_loss.get(u), delay or None)
         round_info = {"round_selected": selected, "round_finished": finished, "round_dropped": dropped,
-                      "round_skipped": skipped, "round_s": round_s,
+                      "round_skipped": skipped, "round_s": round_s, "round_trained_s": trained_s,
                       **({"round_lost": {str(u): why for u, why in self.lost_now.items()}} if self.lost_now else {})}
         records[-1].update(round_info)
         if star.mobility != "none" or skipped or self.lost_now:

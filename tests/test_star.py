@@ -32,8 +32,12 @@ def _adapter(out):
     return load_file(f"{out}/adapter/adapter_model.safetensors")
 
 
-def test_one_device_sfl_equals_single_process_training(pool2, tmp_path, tiny_dirs, token_jsonl):
-    raw = _cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, devices=[1], rounds=3, local_steps=2)
+@pytest.mark.parametrize("server_micro_batches", [1, 3])
+def test_one_device_sfl_equals_single_process_training(pool2, tmp_path, tiny_dirs, token_jsonl,
+                                                       server_micro_batches):
+    """Also when the server runs the device's 4 rows as pieces of 1, 1 and 2 rows."""
+    raw = _cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, devices=[1], rounds=3, local_steps=2,
+               server_micro_batches=server_micro_batches)
     pool2.run(raw)
     cfg = from_dict(raw)
     ds = load_dataset(str(token_jsonl), "train", task="causal_lm", seq_len=16)
@@ -48,17 +52,20 @@ def test_one_device_sfl_equals_single_process_training(pool2, tmp_path, tiny_dir
                                atol=0)
     summary = json.loads(open(tmp_path / "out" / "summary.json").read())
     assert [r["round_finished"] for r in summary["rounds_log"]] == [[1]] * 3
+    # a round's makespan runs on past the server's last step: until the device's backward and adapters are done
+    assert all(r["round_trained_s"] > r["round_s"] > 0 for r in summary["rounds_log"])
     assert sorted(p.name for p in (tmp_path / "out" / "rounds").iterdir()) == ["round_0000", "round_0001",
                                                                                "round_0002"]
 
 
 @pytest.mark.parametrize("mode", ["sfl", "sft"])
 def test_label_privacy_learns_the_same_adapters(pool4, tmp_path, tiny_dirs, token_jsonl, mode):
+    """... as the server with the head, which here also runs each device's rows in two pieces."""
     outs = {}
     for privacy in (False, True):
         out = tmp_path / f"privacy-{privacy}"
         pool4.run(_cfg(out, tiny_dirs["llama"], token_jsonl, mode=mode, devices=[1, 2, 3], label_privacy=privacy,
-                       schedule="optimal"))
+                       schedule="optimal", server_micro_batches=1 if privacy else 2))
         outs[privacy] = out
     assert_adapters_equal(_adapter(outs[True]), _adapter(outs[False]))
     # and the adapters did train: the global adapter moved away from its initialization
