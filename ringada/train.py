@@ -79,6 +79,7 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 HEAD_CHUNK_TOKENS = 256  # a causal LM's head runs on this many tokens at a time (Note: chunked head)
+PLAIN_HEAD_LOGITS = 2**20  # logits up to this many elements go through plain autograd (small models, tests)
 
 
 def head_loss(cut, hidden: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor,
@@ -92,8 +93,10 @@ def head_loss(cut, hidden: torch.Tensor, mask: torch.Tensor | None, labels: torc
     head, :data:`HEAD_CHUNK_TOKENS` at a time; when a gradient is needed, each chunk's gradient with respect to
     its hidden states is taken right away (the loss is the end of the graph, so backward only scales it), and
     the chunk's logits are dropped. The head's own weights are frozen in a causal LM (adapters live in the
-    blocks), so nothing else needs a gradient. Per token this is the same arithmetic; only the order of the
-    loss sum's additions differs.
+    blocks), so nothing else needs a gradient. A chunk holds one logits buffer: its loss is logsumexp minus the
+    target's logit, and its gradient, softmax minus one-hot, is written over the logits. The values agree with
+    cross-entropy's to rounding; logits of at most :data:`PLAIN_HEAD_LOGITS` elements (a small model's) go
+    through cross-entropy and autograd as they are, the same arithmetic to the last bit.
     """
     if cut.family.task != "causal_lm" or hidden.dim() != 3:
         logits = cut.head(hidden, mask)
@@ -104,7 +107,7 @@ def head_loss(cut, hidden: torch.Tensor, mask: torch.Tensor | None, labels: torc
     rows = (targets != -100).nonzero().squeeze(1)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, rows)
     y = targets.index_select(0, rows)
-    if h.shape[0] <= chunk_tokens:  # one chunk: plain autograd, the arithmetic of loss_sum to the last bit
+    if h.shape[0] * cut.model.config.vocab_size <= PLAIN_HEAD_LOGITS:  # loss_sum's arithmetic to the last bit
         logits = cut.head(h[None], None)[0]
         return (nn.functional.cross_entropy(logits.float(), y, reduction="sum"),
                 int((logits.detach().argmax(-1) == y).sum()))
@@ -114,7 +117,11 @@ def head_loss(cut, hidden: torch.Tensor, mask: torch.Tensor | None, labels: torc
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Sum of cross-entropy of ``head(h)`` against ``y`` (and the argmax hits), chunk by chunk (Note: chunked
-    head); the gradient with respect to ``h`` is computed in forward when ``h`` requires one."""
+    head); the gradient with respect to ``h`` is computed in forward when ``h`` requires one.
+
+    Per chunk one logits buffer: the loss is logsumexp - the target's logit (cross-entropy's own formula), and
+    the gradient with respect to the logits, softmax - one-hot, is written over them before it goes back
+    through the head (whose backward needs its input and weights, never its output)."""
 
     @staticmethod
     def forward(ctx, h, y, head, chunk):
@@ -127,12 +134,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             with torch.enable_grad() if need_grad else torch.no_grad():
                 if need_grad:
                     part.requires_grad_(True)
-                logits = head(part).float()
-                loss = nn.functional.cross_entropy(logits, target, reduction="sum")
+                out = head(part)
+            logits = out.detach().float()  # the same storage in fp32: the gradient overwrites it below
+            lse = torch.logsumexp(logits, -1)
+            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            correct += int((logits.argmax(-1) == target).sum())
             if need_grad:
-                grads.append(torch.autograd.grad(loss, part)[0])
-            total += loss.detach()
-            correct += int((logits.detach().argmax(-1) == target).sum())
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad[torch.arange(target.shape[0], device=grad.device), target] -= 1
+                grads.append(torch.autograd.grad(out, part, grad.to(out.dtype))[0])
+            del out, logits
         if need_grad:
             ctx.save_for_backward(torch.cat(grads) if grads else torch.zeros_like(h))
         hits = torch.tensor(correct)

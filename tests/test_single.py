@@ -140,9 +140,10 @@ def test_eval_command_reproduces_the_runs_eval_and_rejects_a_mismatched_adapter(
 
 
 @pytest.mark.parametrize("fam", ["llama", "gpt2"])
-def test_chunked_head_loss_equals_the_full_logits(tiny_dirs, fam):
+def test_chunked_head_loss_equals_the_full_logits(tiny_dirs, fam, monkeypatch):
     """head_loss never builds the whole [B, T, vocab] logits: chunk by chunk it gives loss_sum's value, the
     same argmax hits and the same gradient with respect to the hidden states."""
+    from ringada import train
     from ringada.models import load_model
     from ringada.train import correct_count, head_loss, loss_sum
 
@@ -154,7 +155,8 @@ def test_chunked_head_loss_equals_the_full_logits(tiny_dirs, fam):
     logits = cut.head(hidden, None)
     want = loss_sum(logits, labels)
     (want_grad,) = torch.autograd.grad(want / 7, hidden)
-    for chunk in (5, 16, 1000):  # several chunks (the gradient taken chunk by chunk), and one
+    for chunk, plain in ((5, 0), (16, 0), (1000, 0), (1000, 2**20)):  # several chunks, one, and plain autograd
+        monkeypatch.setattr(train, "PLAIN_HEAD_LOGITS", plain)
         got, hits = head_loss(cut, hidden, None, labels, chunk_tokens=chunk)
         (grad,) = torch.autograd.grad(got / 7, hidden)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
