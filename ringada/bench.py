@@ -223,6 +223,10 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
         # the server's step times as it measured them, the first step left out (its order had no timings yet)
         served = [m["step_s"] for m in metrics if "step_s" in m and m.get("step", 0) > 0]
         rounds = [m["round_s"] for m in metrics if "round_s" in m]
+        # a round until every device's last backward is done (its adapters received), per local step; the
+        # first round left out like the first step
+        trained = [m["round_trained_s"] / (summary["steps"] // len(rounds)) for m in metrics
+                   if "round_trained_s" in m and m.get("round", 0) > 0]
         extra = {"server_held_bytes": summary["server"]["held_bytes"],
                 "server_copy_per_device_bytes": summary["server"]["copy_per_device_bytes"],
                 "server_peak_rss_bytes": ranks[0]["peak_rss_bytes"],
@@ -231,6 +235,7 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
                 # the rounds' training time per step, round-end exchange and checkpoints left out: what the
                 # simulator predicts for a round of local steps
                 "round_step_s": sum(rounds) / summary["steps"] if rounds else None,
+                "trained_step_s": statistics.median(trained) if trained else None,
                 "makespan_vs_fifo": sum(chosen) / sum(fifo) if chosen and sum(fifo) else None}
     if is_star(system):
         # what the outside checks read: the smashed data every rank put on the wire, and both evaluations
@@ -347,8 +352,9 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
             merged[key] = statistics.median(r[key] for r in rs)
         merged["peak_rss_bytes_per_rank"] = [statistics.median(v) for v in zip(*(r["peak_rss_bytes_per_rank"]
                                                                                  for r in rs))]
-        for key in ("round_step_s", "server_step_s", "server_peak_rss_bytes", "server_rss_before_model_bytes",
-                    "makespan_vs_fifo"):  # star: medians over the rounds, like the table's
+        # star: medians over the rounds, like the table's
+        for key in ("round_step_s", "trained_step_s", "server_step_s", "server_peak_rss_bytes",
+                    "server_rss_before_model_bytes", "makespan_vs_fifo"):
             if all(r.get(key) is not None for r in rs):
                 merged[key] = statistics.median(r[key] for r in rs)
         if merged["train_cpu_s_per_step"] is not None:
@@ -432,9 +438,10 @@ def repredict(out: Path) -> dict:
 
 def star_figures(by_name: dict) -> dict:
     """What the star suite decides: the sfl server's memory against one server copy per device (accounted bytes
-    and peak RSS, both measured on the server rank), and the server's order against FIFO: the training time per
-    step, round ends included (a round ends when the last device's backward is done), of the same run with
-    star.schedule=fifo, and the server's median step beside it; where the runs are in the bench."""
+    and peak RSS, both measured on the server rank), and the server's order against FIFO: a round's training per
+    local step until every device's last backward is done and its adapters reached the server (the makespan
+    the order minimizes), first round left out, against the same run with star.schedule=fifo, and the wall time
+    per step (aggregation, checkpoints and evaluation included) beside it; where the runs are in the bench."""
     figures: dict = {}
     sfl, copies, fifo = (by_name.get(s) for s in ("sfl", "sfl-copy-per-device", "sfl-fifo"))
     if sfl and copies:
@@ -451,9 +458,12 @@ def star_figures(by_name: dict) -> dict:
             figures["server_memory"].update({"rss_before_model_bytes": before[0], "peak_rss_growth_bytes": grown[0],
                                              "copy_per_device_peak_rss_growth_bytes": grown[1],
                                              "peak_rss_growth_ratio": grown[0] / grown[1]})
-    if sfl and fifo and sfl.get("server_step_s") and fifo.get("server_step_s"):
-        figures["order_vs_fifo"] = {"step_s": sfl["step_s"], "fifo_step_s": fifo["step_s"],
-                                    "measured_ratio": sfl["step_s"] / fifo["step_s"],
+    if sfl and fifo and sfl.get("trained_step_s") and fifo.get("trained_step_s"):
+        figures["order_vs_fifo"] = {"trained_step_s": sfl["trained_step_s"],
+                                    "fifo_trained_step_s": fifo["trained_step_s"],
+                                    "measured_ratio": sfl["trained_step_s"] / fifo["trained_step_s"],
+                                    "step_s": sfl["step_s"], "fifo_step_s": fifo["step_s"],
+                                    "wall_ratio": sfl["step_s"] / fifo["step_s"],
                                     "server_step_s": sfl["server_step_s"], "fifo_server_step_s": fifo["server_step_s"],
                                     "modelled_ratio": sfl.get("makespan_vs_fifo")}
     return figures
@@ -475,11 +485,11 @@ def star_figures_table(bench: dict) -> str:
                      f"{m['peak_rss_growth_ratio']:.2f} |" if grown is not None else "- | - | - |"), ""]
     if "order_vs_fifo" in figures:
         o = figures["order_vs_fifo"]
-        lines += ["| server order | step s | FIFO step s | measured ratio | server's median step s | FIFO's | "
-                  "modelled ratio (one step) |", "|---|---|---|---|---|---|---|",
-                  f"| sfl | {o['step_s']:.2f} | {o['fifo_step_s']:.2f} | {o['measured_ratio']:.3f} | "
-                  f"{_num(o.get('server_step_s'), '.2f')} | {_num(o.get('fifo_server_step_s'), '.2f')} | "
-                  f"{_num(o['modelled_ratio'], '.3f')} |", ""]
+        lines += ["| server order | trained s per step | FIFO's | measured ratio | modelled ratio | wall s per step "
+                  "| FIFO's | wall ratio |", "|---|---|---|---|---|---|---|---|",
+                  f"| sfl | {o['trained_step_s']:.2f} | {o['fifo_trained_step_s']:.2f} | {o['measured_ratio']:.3f} | "
+                  f"{_num(o['modelled_ratio'], '.3f')} | {o['step_s']:.2f} | {o['fifo_step_s']:.2f} | "
+                  f"{o['wall_ratio']:.3f} |", ""]
     return "\n".join(lines)
 
 
@@ -690,7 +700,7 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
         rows = cfg.data.batch_size if is_star(system) else -(-cfg.data.batch_size // cfg.data.micro_batches)
         costs = block_costs(cfg, rows)
         if shared:  # every core of the box is busy at times: a block runs slower than on a quiet machine
-            costs = costs.slowed(contention(cfg, rows, shared))
+            costs = costs.slowed(contention(cfg, rows, procs))
         if is_star(system):
             from .profiles import DeviceSpec, Profile
             from .star import make_star_topology

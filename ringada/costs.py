@@ -1,9 +1,10 @@
 """Per-block compute costs, measured once on this machine for a batch shape and cached.
 
 Measured with a one-block slice of the real model (embedding, block 0 with its adapters, head): forward and
-backward of a block, forward and backward of the head + loss, and the embedding lookup. Partitioning, the time
-model and the simulator all read these numbers; the cache lives under the ringada cache directory and is keyed by
-the model, task, adapter settings, batch shape and thread count.
+backward of a block, forward of the head + loss as the runtime runs it (`train.head_loss`) and what its gradient
+adds, and the embedding lookup. Partitioning, the time model and the simulator all read these numbers; the cache
+lives under the ringada cache directory and is keyed by the model, task, adapter settings, batch shape and
+thread count.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Costs:
 def _key(cfg: Config, rows: int) -> str:
     text = json.dumps([str(resolve_model_dir(cfg.model.path)), cfg.model.task, cfg.model.num_labels,
                        cfg.adapter.kind, cfg.adapter.r, cfg.adapter.target_modules, rows, cfg.data.seq_len,
-                       torch.get_num_threads()])
+                       torch.get_num_threads(), "head_loss"])  # the last: how the head is timed
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -73,7 +74,7 @@ def block_costs(cfg: Config, rows: int, repeats: int = 3) -> Costs:
 
 def measure(cfg: Config, rows: int, repeats: int = 3) -> Costs:
     from .adapters import add_adapters
-    from .train import loss_sum
+    from .train import head_loss
 
     cut = load_model(cfg.model.path, cfg.model.task, cfg.model.num_labels, blocks=(0, 1), seed=cfg.run.seed)
     add_adapters(cut, cfg.adapter, cfg.run.seed)
@@ -91,14 +92,17 @@ def measure(cfg: Config, rows: int, repeats: int = 3) -> Costs:
         out = cut.run_block(0, hidden, ctx)
         t2 = time.perf_counter()
         top = out.detach().requires_grad_(True)
-        loss = loss_sum(cut.head(top, None), labels) / labels.numel()
+        with torch.no_grad():  # the runtime's head and loss (a causal LM's in chunks, its gradient in forward)
+            head_loss(cut, top, None, labels)
         t3 = time.perf_counter()
+        loss = head_loss(cut, top, None, labels)[0] / labels.numel()
         loss.backward()
         t4 = time.perf_counter()
         out.backward(top.grad)
         t5 = time.perf_counter()
+        # head: forward alone, and what the gradient adds to it
         for k, v in zip(("embed", "block_fwd", "block_bwd", "head_fwd", "head_bwd"),
-                        (t1 - t0, t2 - t1, t5 - t4, t3 - t2, t4 - t3)):
+                        (t1 - t0, t2 - t1, t5 - t4, t3 - t2, max(0.0, (t4 - t3) - (t3 - t2)))):
             samples[k].append(v)
     med = {k: statistics.median(v[1:]) for k, v in samples.items()}
     sizes = parameter_counts(cfg.model.path, cfg.model.task, cfg.model.num_labels)
@@ -113,12 +117,13 @@ def measure(cfg: Config, rows: int, repeats: int = 3) -> Costs:
 # ------------------------------------------------------------------------------------------- a loaded machine
 
 
-def contention(cfg: Config, rows: int, procs: int, repeats: int = 12) -> float:
-    """How much slower a block's forward + backward runs while ``procs`` processes compute at once on this box
-    (one thread each) than alone: the same cores, but shared caches and memory bandwidth. Measured once and
-    cached, like the block costs; the simulator multiplies the costs by it when a run's ranks keep every core of
-    the box busy (more ranks than cores)."""
-    path = cache_dir() / "costs" / f"contention-{_key(cfg, rows)}-{procs}.json"
+def contention(cfg: Config, rows: int, procs: int, repeats: int = 40) -> float:
+    """How much more CPU time a block's forward + backward takes while ``procs`` processes (a run's ranks, one
+    thread each) compute at once on this box than alone: shared caches and memory bandwidth, and with more
+    processes than cores the switches between them. CPU time, not wall time: the simulator shares the cores
+    itself. Measured once and cached, like the block costs; the simulator multiplies the costs by it when a
+    run's ranks keep every core of the box busy (at least as many ranks as cores)."""
+    path = cache_dir() / "costs" / f"contention-cpu-{_key(cfg, rows)}-{procs}.json"
     with _file_lock(path.with_suffix(".lock")):
         if path.is_file():
             return float(json.loads(path.read_text())["factor"])
@@ -128,12 +133,12 @@ def contention(cfg: Config, rows: int, procs: int, repeats: int = 12) -> float:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"procs": procs, "alone_s": alone, "loaded_s": loaded, "factor": factor}))
         tmp.replace(path)
-    log.info("contention with %d processes: a block takes %.2fx its time alone", procs, factor)
+    log.info("contention with %d processes: a block takes %.2fx its CPU time alone", procs, factor)
     return factor
 
 
 def _timed_workers(cfg: Config, rows: int, procs: int, repeats: int) -> list[float]:
-    """Per worker, the median seconds of a block's forward + backward, ``procs`` workers running at once."""
+    """Per worker, the median CPU seconds of a block's forward + backward, ``procs`` workers running at once."""
     import multiprocessing as mp
     import tempfile
 
@@ -180,10 +185,10 @@ def _block_worker(config: str, rows: int, repeats: int, barrier, results) -> Non
         ctx = cut.context(hidden, None)
 
     def step() -> float:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         out = cut.run_block(0, hidden, ctx)
         out.sum().backward()
-        return time.perf_counter() - t0
+        return time.process_time() - t0
 
     step()  # warm up allocators and kernels
     barrier.wait(timeout=600)
