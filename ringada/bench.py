@@ -48,6 +48,9 @@ COMPRESS_SETTINGS = {
 COMPRESS_SYSTEMS = [f"sft-{name}" for name in COMPRESS_SETTINGS]
 # Time to target: every system trains all it can reach, on the same model, data, batch and token budget.
 TTA_SYSTEMS = ["ring-plateau", "ring-steps", "ring-full", "line-full", "tdp-1f1b-full", "sfl", "sft", "single-full"]
+# the tta suite with `--profile`: what ringada can emulate (ring systems on a ring profile such as ring4.yaml, star
+# systems on a star profile such as edge4.yaml; --systems picks those that fit the profile)
+EMULATED_TTA_SYSTEMS = ["ring-plateau", "ring-steps", "ring-full", "line-full", "sfl", "sft"]
 SMASHED_KINDS = ("activation", "gradient", "top_hidden", "top_gradient")
 
 
@@ -153,10 +156,10 @@ def resolved_settings(system: str, settings: dict, num_blocks: int, world: int,
             extra.pop(key, None)
     sets = {**settings, **extra, "pipeline.schedule": "gpipe" if system == "tdp-gpipe" else "1f1b"}
     if profile:
-        if system not in EMULATED_SYSTEMS + EMULATED_STAR_SYSTEMS:
+        if system not in EMULATED_SYSTEMS + EMULATED_STAR_SYSTEMS + EMULATED_TTA_SYSTEMS:
             raise ValueError(f"--profile: {system} cannot be emulated; with a profile the systems are "
-                             f"{', '.join(EMULATED_SYSTEMS)} (ring suite) or {', '.join(EMULATED_STAR_SYSTEMS)} "
-                             "(star suite)")
+                             f"{', '.join(EMULATED_SYSTEMS)} (ring suite), {', '.join(EMULATED_STAR_SYSTEMS)} "
+                             f"(star suite) or {', '.join(EMULATED_TTA_SYSTEMS)} (tta suite)")
         if is_star(system):
             sets.update({"star.profile": profile, "star.emulate": True})
         else:
@@ -301,9 +304,13 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
     if profile:
         from .profiles import load_profile
 
-        if suite not in ("ring", "star"):
+        if suite not in ("ring", "star", "tta"):
             raise ValueError(f"--profile: got --suite {suite}; emulated profiles apply to the ring suite "
-                             f"({', '.join(EMULATED_SYSTEMS)}) and the star suite ({', '.join(EMULATED_STAR_SYSTEMS)})")
+                             f"({', '.join(EMULATED_SYSTEMS)}), the star suite ({', '.join(EMULATED_STAR_SYSTEMS)}) "
+                             f"and the tta suite ({', '.join(EMULATED_TTA_SYSTEMS)})")
+        if suite == "tta" and target is None:
+            raise ValueError("--target: give one with --profile; the default target comes from single-full, which "
+                             "cannot be emulated (use the target of a tta run on this machine)")
         devices = len(load_profile(profile).devices)
         if devices != world:
             raise ValueError(f"--profile: {profile} has {devices} devices; expected --world ({world})")
@@ -321,7 +328,7 @@ def run_bench(suite: str, out: Path, smoke: bool, repeats: int, world: int, step
     if suite == "tta":
         settings.setdefault("run.eval_every", 2)
     if profile:
-        suite_systems = EMULATED_STAR_SYSTEMS if suite == "star" else EMULATED_SYSTEMS
+        suite_systems = {"star": EMULATED_STAR_SYSTEMS, "tta": EMULATED_TTA_SYSTEMS}.get(suite, EMULATED_SYSTEMS)
     unknown = [s for s in systems or [] if s not in suite_systems]
     if unknown:
         raise ValueError(f"--systems: {unknown} are not in this suite; choose from {', '.join(suite_systems)}")

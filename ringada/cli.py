@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", default=None,
                        help="emulate this device/link profile: the ring suite runs ring-earlystop, ring-full and "
                        "line partitioned by capacity (e.g. configs/profiles/ring4.yaml), the star suite sfl, "
-                       "sfl-fifo and sft (e.g. configs/profiles/edge4.yaml), next to the simulator's prediction")
+                       "sfl-fifo and sft (e.g. configs/profiles/edge4.yaml), next to the simulator's prediction; "
+                       "the tta suite the ring and star systems (pick those that fit the profile with --systems; "
+                       "--target is needed, single-full cannot be emulated)")
     return parser
 
 

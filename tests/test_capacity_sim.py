@@ -439,3 +439,18 @@ def test_star_step_real_devices_recompute_and_the_servers_own_time():
     costs = _unit_costs(block_fwd_s=0.0, block_bwd_s=0.0, act_bytes=1_000_000)
     assert simulate_star_step("sft", [1, 1], 2, costs, two, emulated=False)["makespan_s"] == \
         pytest.approx(2 * (1_000_000 + 64) * 8 / 8e6, rel=1e-3)
+
+
+def test_the_tta_suite_emulates_ring_and_star_systems_and_needs_a_target_under_a_profile(tmp_path):
+    from ringada.bench import resolved_settings, run_bench
+
+    _, sets, _ = resolved_settings("ring-plateau", {"run.steps": 8}, 30, 4, "configs/profiles/ring4.yaml")
+    assert (sets["pipeline.emulate"], sets["pipeline.partition"]) == (True, "capacity")
+    _, sets, procs = resolved_settings("sft", {"run.steps": 8}, 30, 4, "configs/profiles/edge4.yaml")
+    assert (sets["star.emulate"], sets["star.profile"], procs) == (True, "configs/profiles/edge4.yaml", 5)
+    with pytest.raises(ValueError, match="single-full cannot be emulated"):
+        resolved_settings("single-full", {"run.steps": 8}, 30, 4, "configs/profiles/ring4.yaml")
+    # the default target is single-full's, which does not run here: refused before anything starts
+    with pytest.raises(ValueError, match="--target"):
+        run_bench("tta", tmp_path / "out", smoke=True, repeats=1, world=4, profile="configs/profiles/ring4.yaml")
+    assert not (tmp_path / "out").exists()
