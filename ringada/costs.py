@@ -122,7 +122,7 @@ def contention(cfg: Config, rows: int, procs: int, repeats: int = 40) -> float:
     thread each) compute at once on this box than alone: shared caches and memory bandwidth, and with more
     processes than cores the switches between them. CPU time, not wall time: the simulator shares the cores
     itself. Measured once and cached, like the block costs; the simulator multiplies the costs by it when a
-    run's ranks keep every core of the box busy (at least as many ranks as cores)."""
+    run's ranks keep every core of the box busy (more ranks than cores)."""
     path = cache_dir() / "costs" / f"contention-cpu-{_key(cfg, rows)}-{procs}.json"
     with _file_lock(path.with_suffix(".lock")):
         if path.is_file():
