@@ -866,15 +866,14 @@ class Server:
                 self.bwd_s += time.perf_counter() - t0
                 del top
             else:  # star.server_micro_batches pieces of rows, one piece's activations at a time
-                rows = hiddens[i].shape[0]
                 pieces = self.cfg.star.server_micro_batches
-                bounds = [k * rows // pieces for k in range(pieces + 1)]
                 counts[u], loss_u = Batch(labels[i], labels[i]).count(), 0.0
-                for a, b in zip(bounds, bounds[1:]):
-                    mask = masks[i][a:b] if masks[i] is not None else None
-                    top = self._upper([u], [hiddens[i][a:b]], [mask], train=True, step=step)[0]
+                split = [torch.tensor_split(t, pieces) if t is not None else [None] * pieces
+                         for t in (hiddens[i], masks[i], labels[i])]
+                for hidden, mask, label in zip(*split):  # views: the gradient lands in hiddens[i].grad
+                    top = self._upper([u], [hidden], [mask], train=True, step=step)[0]
                     t0 = time.perf_counter()  # the chunked head takes its gradient in its forward: both count here
-                    loss, _ = head_loss_sum(cut, top, mask, labels[i][a:b])
+                    loss, _ = head_loss_sum(cut, top, mask, label)
                     loss_u += float(loss.detach())
                     loss.backward()
                     self.bwd_s += time.perf_counter() - t0

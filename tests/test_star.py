@@ -35,7 +35,7 @@ def _adapter(out):
 @pytest.mark.parametrize("server_micro_batches", [1, 3])
 def test_one_device_sfl_equals_single_process_training(pool2, tmp_path, tiny_dirs, token_jsonl,
                                                        server_micro_batches):
-    """Also when the server runs the device's 4 rows as pieces of 1, 1 and 2 rows."""
+    """Also when the server runs the device's 4 rows as pieces of 2, 1 and 1 rows."""
     raw = _cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, devices=[1], rounds=3, local_steps=2,
                server_micro_batches=server_micro_batches)
     pool2.run(raw)
