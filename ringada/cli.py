@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "Shakespeare by default; --smoke: a tiny model), in rotating rounds, and reports tokens/s "
                            "(also relative to tdp-1f1b with the same trainable set), step time next to the simulator's "
                            "prediction, CPU seconds per step, peak RSS per rank, bytes on the wire and eval loss. "
-                           "ring: ring-earlystop, ring-noearlystop, ring-full, line, tdp-gpipe, tdp-1f1b, "
-                           "tdp-1f1b-full, single. star: sfl, sft, sft-compressed (the shipped codec), "
+                           "ring: ring-earlystop, ring-noearlystop, ring-nolookahead, ring-full, line, "
+                           "line-nolookahead, tdp-gpipe, tdp-1f1b, tdp-1f1b-full, single. star: sfl, sft, sft-compressed (the shipped codec), "
                            "sfl-copy-per-device (with server memory and makespan over FIFO). compress: sft with each "
                            "codec setting. tta: ring-plateau, ring-full, line-full, tdp-1f1b-full, sfl, sft and "
                            "single-full to a target held-out loss. generate: decoding, one process against the ring.")
@@ -236,6 +236,7 @@ def _generate(cfg, args, rank: int) -> None:
 
 def _print_plan(cfg, args) -> int:
     from . import schedule
+    from .partition import head_cost_in_blocks
     from .runtime import make_topology
     from .train import trainable_count
 
@@ -252,7 +253,9 @@ def _print_plan(cfg, args) -> int:
     trainable = trainable_count(cfg.unfreeze, num_blocks, args.step, 0, 0)
     mode = "ring" if cfg.pipeline.mode == "ring" else "line"
     plan = schedule.build_schedule(mode, topo.partition, cfg.data.micro_batches, num_blocks - trainable,
-                                   cfg.model.task == "classification", cfg.pipeline.schedule)
+                                   cfg.model.task == "classification", cfg.pipeline.schedule,
+                                   head_cost=head_cost_in_blocks(cfg.model.path, cfg.model.task,
+                                                                 cfg.model.num_labels))
     print(f"{cfg.pipeline.mode}, blocks per rank {topo.partition}, {cfg.pipeline.schedule}, "
           f"{cfg.data.micro_batches} micro-batches, step {args.step}: {trainable} trainable blocks "
           f"(frontier {num_blocks - trainable}); backward stages {plan.backward}")

@@ -287,7 +287,7 @@ def stage_order(
 
 
 def _merge(
-    stages: Sequence[Stage], orders: Sequence[list[tuple[str, int]]], num_ranks: int
+    stages: Sequence[Stage], orders: Sequence[list[tuple[str, int]]], num_ranks: int, eager_first: bool = False
 ) -> list[list[tuple[str, int, int]]]:
     """Interleave the stage orders of each rank by a lockstep simulation.
 
@@ -296,6 +296,9 @@ def _merge(
     produced on an earlier tick.  Priority: backward before forward, then the
     higher stage, then the lower micro-batch.  Returns ``(kind, stage, mb)``
     per rank in execution order; raises :class:`DeadlockError` on a stall.
+
+    ``eager_first``: a ready forward of stage 0 goes before anything else
+    (ring rank 0 with a frozen stage 0, see :func:`build_schedule`).
 
     Only ring rank 0 ever has a choice, between stage 0 and stage N.  Two
     ready forwards are F(N, m') and F(0, m) with m' < m, so "higher stage" is
@@ -333,7 +336,7 @@ def _merge(
                 kind, m = orders[s][pos[s]]
                 if not ready(kind, s, m, tick):
                     continue
-                key = (kind != B, -s, m)
+                key = (kind != B, not (eager_first and s == 0), -s, m)
                 if best is None or key < best[0]:
                     best = (key, s, kind, m)
             if best is not None:
@@ -361,6 +364,7 @@ def build_schedule(
     frontier: int,
     head_trainable: bool = False,
     schedule: str = GPIPE,
+    head_cost: float | None = None,
 ) -> Plan:
     """Build and validate the per-rank action lists of one global batch.
 
@@ -374,6 +378,15 @@ def build_schedule(
     ``SEND`` right after it, and receives move forward where a channel must be
     read in its sending order (see Channel order).  The result has passed
     :meth:`Plan.validate`.
+
+    ``head_cost`` (the head's work in block units, see
+    ``partition.head_cost_in_blocks``): in a ring whose stage 0 does no
+    backward, rank 0 may also run all of stage 0's forwards before its head
+    work (they depend on nothing but the data, and hold no graph).  With a
+    ``head_cost``, the plan is the one of the two orders that finishes sooner
+    under block-unit costs (see :func:`block_unit_cost`; a tie keeps the
+    order above).  An expensive head favours the eager order: the ranks above
+    get every micro-batch early instead of waiting while rank 0 runs heads.
     """
     stages = build_stages(mode, blocks_per_rank)
     num_ranks = len(blocks_per_rank)
@@ -387,9 +400,43 @@ def build_schedule(
     bwd = _backward_flags(stages, frontier, head_trainable)
     num_stages = len(stages)
     orders = [stage_order(schedule, s, num_stages, micro_batches, bwd[s]) for s in range(num_stages)]
-    merged = _merge(stages, orders, num_ranks)
 
-    last = num_stages - 1
+    def plan_of(merged: list[list[tuple[str, int, int]]]) -> Plan:
+        plan = Plan(stages=stages, num_ranks=num_ranks, micro_batches=micro_batches, frontier=frontier,
+                    schedule=schedule, mode=mode, actions=_actions(stages, bwd, merged),
+                    head_trainable=head_trainable)
+        plan.validate()
+        return plan
+
+    plan = plan_of(_merge(stages, orders, num_ranks))
+    if head_cost is not None and mode == RING and not bwd[0]:
+        eager = plan_of(_merge(stages, orders, num_ranks, eager_first=True))
+        cost = block_unit_cost(stages, frontier, head_cost)
+        if simulate(eager, cost)["makespan"] < simulate(plan, cost)["makespan"]:
+            plan = eager
+    return plan
+
+
+def block_unit_cost(stages: Sequence[Stage], frontier: int, head_cost: float) -> Callable[[Action], float]:
+    """A compute action's work in block units, from the plan's structure alone (so that every rank, building
+    its plan on its own, makes the same choice): a forward costs its blocks (the head's ``head_cost`` on the
+    head's stage: its gradient is taken in the forward, see train.head_loss), a backward its trainable blocks
+    (a LoRA block's backward through frozen weights costs about its forward)."""
+
+    def cost(a: Action) -> float:
+        st = stages[a.stage]
+        if a.kind == F:
+            return st.num_blocks + (head_cost if st.has_head else 0.0)
+        return max(0, st.hi - max(st.lo, frontier))
+
+    return cost
+
+
+def _actions(stages: Sequence[Stage], bwd: Sequence[bool], merged: list[list[tuple[str, int, int]]]
+             ) -> list[list[Action]]:
+    """Each rank's compute order with the receive each action needs before it and the send it feeds after it,
+    receives moved forward into channel order."""
+    last = len(stages) - 1
     actions: list[list[Action]] = []
     for compute in merged:
         acts: list[Action] = []
@@ -407,20 +454,7 @@ def build_schedule(
                 if s > 0 and bwd[s - 1]:
                     acts.append(Action(SEND_B, s, m, stages[s - 1].rank))
         actions.append(acts)
-    actions = _in_channel_order(actions)
-
-    plan = Plan(
-        stages=stages,
-        num_ranks=num_ranks,
-        micro_batches=micro_batches,
-        frontier=frontier,
-        schedule=schedule,
-        mode=mode,
-        actions=actions,
-        head_trainable=head_trainable,
-    )
-    plan.validate()
-    return plan
+    return _in_channel_order(actions)
 
 
 def _in_channel_order(actions: list[list[Action]]) -> list[list[Action]]:
