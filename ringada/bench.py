@@ -21,8 +21,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-RING_SYSTEMS = ["ring-earlystop", "ring-noearlystop", "ring-full", "line", "tdp-gpipe", "tdp-1f1b", "tdp-1f1b-full",
-                "single"]
+RING_SYSTEMS = ["ring-earlystop", "ring-noearlystop", "ring-nolookahead", "ring-full", "line", "line-nolookahead",
+                "tdp-gpipe", "tdp-1f1b", "tdp-1f1b-full", "single"]
 STAR_SYSTEMS = ["sfl", "sft", "sft-compressed", "sfl-copy-per-device", "sfl-fifo"]
 EMULATED_SYSTEMS = ["ring-earlystop", "ring-full", "line"]  # what `--profile` runs (ringada's own pipeline)
 # the star suite with `--profile`: the server's order against FIFO, and sft, on emulated devices and links
@@ -110,6 +110,8 @@ def system_settings(system: str, num_blocks: int, world: int) -> tuple[str, dict
         return "ringada", {"pipeline.mode": "ring", **earlystop}, world
     if system == "ring-noearlystop":  # the ablation: same trainable set, backward through every block
         return "ringada", {"pipeline.mode": "ring", "pipeline.early_stop": False, **earlystop}, world
+    if system in ("ring-nolookahead", "line-nolookahead"):  # ablations: no next-step stage 0 while waiting
+        return "ringada", {"pipeline.mode": system.split("-")[0], "pipeline.lookahead": False, **earlystop}, world
     if system == "ring-full":
         return "ringada", {"pipeline.mode": "ring"}, world
     if system == "ring-plateau":  # top 25% first, 25% more whenever the held-out loss stalls (checked every 2 steps)
@@ -267,7 +269,7 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
             "bytes_sent": bytes_sent, "eval_loss": summary.get("eval_loss"), "steps": steps,
             "final_loss": summary.get("final_loss"), "ranks": len(ranks), "partition": summary.get("partition"),
             "rank_rows": [{k: r.get(k) for k in ("rank", "blocks", "fwd_s", "bwd_s", "wait_s", "train_cpu_s",
-                                                 "peak_rss_bytes", "bytes_sent")} for r in ranks],
+                                                 "peak_rss_bytes", "bytes_sent", "lookahead_mb")} for r in ranks],
             "process_s": time.perf_counter() - t0}
 
 

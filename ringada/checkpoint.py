@@ -49,7 +49,8 @@ KEEP = 2  # complete checkpoints kept on disk (the newest one, and one to fall b
 _RESUMABLE_CHANGES = {"run.steps", "run.resume", "run.checkpoint_every", "run.eval_every", "run.eval_batches",
                       "run.log_every", "run.message_log", "run.threads", "run.out_dir", "run.timeout_s",
                       "optim.lr", "optim.grad_clip", "optim.on_nonfinite", "pipeline.mode", "pipeline.schedule",
-                      "pipeline.partition", "pipeline.profile", "pipeline.emulate", "data.micro_batches",
+                      "pipeline.partition", "pipeline.profile", "pipeline.emulate", "pipeline.lookahead",
+                      "data.micro_batches",
                       "star.rounds", "star.emulate", "star.recompute", "star.server_micro_batches",
                       "compress.eval"}
 

@@ -151,6 +151,10 @@ class PipelineConfig:
     """Stop backpropagation at the lowest trainable adapter (ranks below it run forward only). false: backward
     through every block down to the embedding output, frozen ones included, as a pipeline that does not stop
     would; the same adapters are learned. The ablation that shows what early stop saves."""
+    lookahead: bool = True
+    """ring and line: while rank 0 waits for the end of a step, it runs the next step's first stage (its
+    embedding and blocks) when that stage is frozen in both steps, so the next step starts sooner. The same
+    values either way; false turns it off for comparison."""
     compress: bool = False
     """ring and line: activations and their gradients between ranks go through the codec of the compress section
     (as star links do). Off: they travel exactly, and a ring run matches a single process."""
@@ -455,9 +459,10 @@ def dump(cfg: Config) -> str:
 # and star.profile in sfl (`ringada simulate` takes the speeds from them).
 # the pipeline keys star modes ignore (they train every adapter from the first step)
 _PIPELINE_KEYS = ("pipeline.schedule", "pipeline.partition", "pipeline.profile", "pipeline.early_stop",
-                  "pipeline.emulate", "pipeline.compress", "unfreeze.*")
+                  "pipeline.emulate", "pipeline.compress", "pipeline.lookahead", "unfreeze.*")
 UNUSED_BY_MODE: dict[str, tuple[str, ...]] = {
-    "single": ("star.*", "compress.*", "pipeline.partition", "pipeline.emulate", "pipeline.compress"),
+    "single": ("star.*", "compress.*", "pipeline.partition", "pipeline.emulate", "pipeline.compress",
+               "pipeline.lookahead"),
     "ring": ("star.*",),  # compress.* acts with pipeline.compress (validate() refuses it without)
     "line": ("star.*",),
     "sfl": (*_PIPELINE_KEYS, "star.allocate", "star.error_budget", "star.loss_budget"),  # sft rounds only

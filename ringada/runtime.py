@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,16 @@ class RankTimers:
     step_s: float = 0.0
     train_cpu_s: float = 0.0
     train_bytes_sent: int = 0  # bytes this rank put on the wire during training steps (no eval, no gathering)
+    lookahead_mb: int = 0  # micro-batches of a next step's first stage run while waiting (pipeline.lookahead)
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """The next training step, as the initiator knows it before it starts (pipeline.lookahead)."""
+
+    step: int
+    frontier: int  # its block frontier
+    batch: Batch
 
 
 @dataclass
@@ -158,6 +169,7 @@ class PipelineRuntime:
         self.num_blocks = self.cut.num_blocks
         # A classification head always trains; the frontier alone decides for a causal LM.
         self.head_trainable = cfg.model.task == "classification"
+        self.head_cost = head_cost_in_blocks(cfg.model.path, cfg.model.task, cfg.model.num_labels)  # for plans
         self.slowdown, link_delay = 0.0, None
         if cfg.pipeline.emulate:
             from .profiles import load_profile
@@ -169,6 +181,8 @@ class PipelineRuntime:
                          log_messages=cfg.run.message_log, link_delay=link_delay) if topo.world_size > 1 else None
         self.timers = RankTimers()
         self._plans: dict[tuple, sched.Plan] = {}
+        # pipeline.lookahead: (step, micro-batch) -> stage 0's output, computed in the previous step's tail
+        self._ahead: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         # pipeline.compress: ACT and GRAD payloads through the compress section's codecs (error feedback, when on,
         # per (peer, micro-batch) stream); evaluations only with compress.eval=codec
         self.smash = SmashedCodec(link_codecs(cfg.compress), cfg.run.seed) if cfg.pipeline.compress else None
@@ -187,7 +201,8 @@ class PipelineRuntime:
         key = (micro_batches, frontier, head_trainable)
         if key not in self._plans:
             self._plans[key] = sched.build_schedule(self.topo.plan_mode, self.topo.partition, micro_batches,
-                                                    frontier, head_trainable, self.cfg.pipeline.schedule)
+                                                    frontier, head_trainable, self.cfg.pipeline.schedule,
+                                                    head_cost=self.head_cost)
         return self._plans[key]
 
     # -- control plane
@@ -200,12 +215,20 @@ class PipelineRuntime:
             dist.broadcast(t, src=0)
         return t.tolist()
 
-    def all_reduce_sum(self, values: list[float], step: int, action: str) -> list[float]:
+    def all_reduce_sum(self, values: list[float], step: int, action: str,
+                       meanwhile: Iterator[int] | None = None) -> list[float]:
+        """The sum over ranks of ``values``. ``meanwhile``: work to run, one item at a time, for as long as the
+        sum has not arrived (other ranks are still computing); what it did not reach is left undone."""
         if self.topo.world_size == 1:
             return values
         t = torch.tensor(values, dtype=torch.float64)
         with collective(self.topo.rank, action, step, self.cfg.run.timeout_s):
-            dist.all_reduce(t)
+            work = dist.all_reduce(t, async_op=meanwhile is not None)
+        if meanwhile is not None:
+            while not work.is_completed() and next(meanwhile, None) is not None:
+                pass
+            with collective(self.topo.rank, action, step, self.cfg.run.timeout_s):
+                work.wait()
         return t.tolist()
 
     # -- the executor
@@ -287,6 +310,9 @@ class PipelineRuntime:
     def _forward(self, stage, mb, key, step, train, grad, plan, micro, labels, total, inputs, masks, outputs,
                  losses):
         cut = self.cut
+        if stage.has_embed and not grad and (step, mb) in self._ahead:  # pipeline.lookahead did it already
+            outputs[key] = self._ahead.pop((step, mb))
+            return 0.0, 0
         if stage.has_embed:
             batch = micro[mb]
             with torch.no_grad():
@@ -314,15 +340,19 @@ class PipelineRuntime:
         return loss.item(), correct
 
     # -- one global batch
-    def train_step(self, step: int, frontier: int, batch: Batch | None, micro_batches: int) -> dict:
+    def train_step(self, step: int, frontier: int, batch: Batch | None, micro_batches: int,
+                   ahead: Ahead | None = None) -> dict:
         """Forward and backward of one global batch, then (when every rank's loss and gradient norm are finite)
-        clipping and the optimizer step. Returns the loss, the global gradient norm and a non-finite report."""
+        clipping and the optimizer step. Returns the loss, the global gradient norm and a non-finite report.
+        ``ahead`` (the initiator, pipeline.lookahead): the next step, whose first stage this rank may run while
+        it waits for the others to finish this one (:meth:`_lookahead`)."""
         cpu0, sent0 = time.process_time(), self.wire.counters.bytes_sent if self.wire else 0
         self.adapters.set_frontier(frontier)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         plan = self.plan(micro_batches, frontier, train=True)
         stats = self._run_batch(plan, step, True, batch, micro_batches)
+        self._ahead.clear()  # what this step did not use (its plan needed a graph there) is of no further use
         grads = [p.grad for p in self.adapters.trainable() if p.grad is not None]
         local_sq = sum(float(g.double().pow(2).sum()) for g in grads)
         # every rank's verdict travels in the same all_reduce as the loss, so all ranks decide alike
@@ -331,7 +361,8 @@ class PipelineRuntime:
         flags[r] = stats.nonfinite_mb + 1.0
         flags[W + r] = float(not math.isfinite(local_sq))
         loss, count, correct, global_sq, *flags = self.all_reduce_sum(
-            [stats.loss, stats.count, stats.correct, local_sq, *flags], step, "summing the step's loss and gradient norm")
+            [stats.loss, stats.count, stats.correct, local_sq, *flags], step, "summing the step's loss and gradient norm",
+            meanwhile=self._lookahead(plan, ahead, micro_batches) if ahead is not None else None)
         nonfinite = self._nonfinite(step, loss, global_sq, flags)
         t0 = time.perf_counter()
         if nonfinite:
@@ -349,6 +380,37 @@ class PipelineRuntime:
         self.timers.train_bytes_sent += (self.wire.counters.bytes_sent if self.wire else 0) - sent0
         return {"loss": loss, "grad_norm": math.sqrt(global_sq) if global_sq >= 0 else math.nan,
                 "nonfinite": nonfinite}
+
+    def _lookahead(self, plan: sched.Plan, ahead: Ahead, micro_batches: int) -> Iterator[int] | None:
+        """Stage 0's forwards of the next step, one micro-batch at a time (pipeline.lookahead; None where it
+        does not apply).
+
+        Note (lookahead). At the end of a step the first stage's rank waits for the ranks above it to finish
+        their backward. When stage 0 holds no trainable adapter in this step nor in the next one, its output
+        for the next step depends only on that step's batch and frozen weights that no optimizer step changes,
+        so it can be computed now, exactly as the next step would compute it (same code, same dropout seeds).
+        The rank runs these forwards while the step's sum is on its way and stops when it has arrived, so it
+        takes only time it would have waited; the next step then starts its first sends at once, and the ranks
+        above start their work that much earlier. Nothing is sent ahead: every message goes when the plan says,
+        so the wire's order, evaluations and checkpoints between steps are untouched."""
+        stage = plan.stages[0]
+        if (stage.rank != self.topo.rank or stage.has_head or plan.backward[0]
+                or self.plan(micro_batches, ahead.frontier, train=True).backward[0]):
+            return None
+        return self._lookahead_forwards(stage, ahead, micro_batches)
+
+    def _lookahead_forwards(self, stage: sched.Stage, ahead: Ahead, micro_batches: int) -> Iterator[int]:
+        micro = [b.to(self.device) for b in ahead.batch.split(micro_batches)]
+        plan = self.plan(micro_batches, ahead.frontier, train=True)
+        for mb in range(micro_batches):
+            t0 = time.perf_counter()
+            outputs: dict = {}
+            self._forward(stage, mb, (0, mb), ahead.step, True, False, plan, micro, None, 0, {}, {}, outputs, {})
+            self._ahead[(ahead.step, mb)] = outputs[(0, mb)]
+            self._emulate(t0)
+            self.timers.fwd_s += time.perf_counter() - t0
+            self.timers.lookahead_mb += 1
+            yield mb
 
     def _nonfinite(self, step: int, loss: float, global_sq: float, flags: list[float]) -> str | None:
         """Name the first rank and micro-batch with a non-finite loss or gradient norm, or None."""
@@ -428,7 +490,8 @@ class PipelineRuntime:
                                                        "fwd_s": self.timers.fwd_s, "bwd_s": self.timers.bwd_s,
                                                        "step_s": self.timers.step_s,
                                                        "train_cpu_s": self.timers.train_cpu_s,
-                                                       "train_bytes_sent": self.timers.train_bytes_sent},
+                                                       "train_bytes_sent": self.timers.train_bytes_sent,
+                                                       "lookahead_mb": self.timers.lookahead_mb},
                                 self.wire.counters if self.wire else Counters())
 
     def write_message_log(self, out: Path) -> None:
@@ -609,7 +672,8 @@ class PipelineTrainer(Trainer):
             if lead else (0, None)
         trainable = self.unfreezer.trainable(step, epoch) if lead else 0
         epoch, trainable = rt.broadcast_ints([epoch, trainable] if lead else None, 2, step=step)
-        result = rt.train_step(step, L - trainable, batch, cfg.data.micro_batches)
+        result = rt.train_step(step, L - trainable, batch, cfg.data.micro_batches,
+                               ahead=self.next_step(step) if lead else None)
         loss, nonfinite = result["loss"], result["nonfinite"]
         if not nonfinite:
             self.last_losses.append(loss)
@@ -630,6 +694,17 @@ class PipelineTrainer(Trainer):
             record.update({"skipped": True, "nonfinite": nonfinite})
         return UnitResult(records=[record], tokens=input_tokens(batch), loss=None if nonfinite else loss,
                           nonfinite=nonfinite)
+
+    def next_step(self, step: int) -> Ahead | None:
+        """Step ``step + 1`` as the initiator will run it, where that is known now (pipeline.lookahead): not
+        after the last step, nor where a plateau check after this step may move the frontier."""
+        cfg, nxt = self.cfg, step + 1
+        if not cfg.pipeline.lookahead or self.world_size == 1 or nxt >= cfg.run.steps:
+            return None
+        if cfg.unfreeze.by == "plateau" and cfg.unfreeze.every and nxt % cfg.unfreeze.every == 0:
+            return None
+        epoch, batch = self.data.train.batch_at(nxt, cfg.data.batch_size, cfg.data.shuffle, cfg.run.seed)
+        return Ahead(nxt, self.rt.num_blocks - self.unfreezer.trainable(nxt, epoch), batch)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         rt = self.rt

@@ -28,6 +28,7 @@ from .comm import HEADER_BYTES
 from .config import Config
 from .costs import Costs
 from .federated.scheduling import server_order
+from .partition import head_cost_in_blocks
 from .profiles import Profile
 from .runtime import emulated_slowdown
 from .train import trainable_count
@@ -54,9 +55,15 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
     """Predicted timings of a ring / line / single run (``steps`` defaults to run.steps; ``cores`` and
     ``msg_cost_per_byte``: see the module docstring). fwd_s / bwd_s are each rank's compute at its speed without
     contention, wait_s the rest of its steps (blocked in receives, or done before the step's end), cpu_s the CPU
-    seconds it takes on this machine."""
+    seconds it takes on this machine. pipeline.lookahead: after each step, rank 0 runs the next step's stage 0
+    from its own finish, a micro-batch at a time, while the step lasts (the last one started may end past it), and
+    those forwards cost nothing in the next step."""
     world = len(partition)
     mode = "ring" if cfg.pipeline.mode == "ring" else "line"
+
+    def lookahead_applies(plan: sched.Plan, next_plan: sched.Plan) -> bool:  # as PipelineRuntime._lookahead
+        return (cfg.pipeline.lookahead and world > 1 and not plan.stages[0].has_head and not plan.backward[0]
+                and not next_plan.backward[0])
     L, M, steps = sum(partition), cfg.data.micro_batches, steps or cfg.run.steps
     speeds = [profile.speed(d.gflops) for d in profile.devices] if profile else [1.0] * world
     # a slower rank computes at this machine's speed and sleeps the rest (the emulation); a faster one is faster
@@ -65,6 +72,7 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
     rows = [len(range(i, cfg.data.batch_size, M)) for i in range(M)]  # tensor_split sizes, in order
     mb_costs = [costs.scaled(r) for r in rows]
     head_trainable = cfg.model.task == "classification"
+    head_cost = head_cost_in_blocks(cfg.model.path, cfg.model.task, cfg.model.num_labels)  # as the runtime's plans
     fwd, bwd, idle, cpu = [0.0] * world, [0.0] * world, [0.0] * world, [0.0] * world
     sent, recv = [0] * world, [0] * world
     total, step_times, plans = 0.0, [], {}
@@ -76,13 +84,23 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
         return net.link(message_bytes(a))
 
     msg = _per_byte(msg_cost_per_byte, message_bytes)
-    for step in range(steps):
-        # where backward stops: the lowest trainable block, or block 0 without early stop
-        frontier = L - trainable_count(cfg.unfreeze, L, step, 0, 0) if cfg.pipeline.early_stop else 0
+
+    def frontier_at(step: int) -> int:  # where backward stops: the lowest trainable block, or 0 without early stop
+        return L - trainable_count(cfg.unfreeze, L, step, 0, 0) if cfg.pipeline.early_stop else 0
+
+    def plan_at(step: int) -> sched.Plan:
+        frontier = frontier_at(step)
         if frontier not in plans:
             plans[frontier] = sched.build_schedule(mode, partition, M, frontier, head_trainable,
-                                                   cfg.pipeline.schedule)
-        plan = plans[frontier]
+                                                   cfg.pipeline.schedule, head_cost=head_cost)
+        return plans[frontier]
+
+    def stage0_forward(m: int) -> float:
+        return mb_costs[m].embed_s + partition[0] * mb_costs[m].block_fwd_s
+
+    ahead = 0  # micro-batches of this step's stage 0 that rank 0 ran during the previous step (pipeline.lookahead)
+    for step in range(steps):
+        frontier, plan = frontier_at(step), plan_at(step)
 
         def here(a: sched.Action) -> float:
             """The action's compute on this machine."""
@@ -93,11 +111,24 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
             trainable = max(0, st.hi - max(st.lo, frontier))
             return trainable * c.block_bwd_s + (c.head_bwd_s if st.has_head else 0.0)
 
-        def cost(a: sched.Action) -> float:
+        def cost(a: sched.Action, ahead=ahead) -> float:
+            if a.kind == sched.F and a.stage == 0 and a.mb < ahead:
+                return 0.0  # computed while rank 0 waited for the previous step's end
             return here(a) / max(speeds[plan.stages[a.stage].rank], 1.0)
 
         result = sched.simulate_shared(plan.actions, cost, link, cores=cores, slowdown=slowdown, msg_cost=msg)
         step_s = result["makespan"]
+        # pipeline.lookahead: rank 0 runs the next step's frozen stage 0 one micro-batch at a time from its own
+        # finish for as long as the step's end (the sum of every rank's loss) has not come; the one it started
+        # last may run past that end
+        ahead, t = 0, result["finish"][0]
+        if step + 1 < steps and lookahead_applies(plan, plan_at(step + 1)):
+            while ahead < M and t < step_s:
+                here_s = stage0_forward(ahead) / max(speeds[0], 1.0)
+                t += here_s * (1.0 + slowdown[0])
+                cpu[0] += here_s
+                ahead += 1
+            step_s = max(step_s, t)
         step_times.append(step_s)
         total += step_s
         for r, acts in enumerate(plan.actions):

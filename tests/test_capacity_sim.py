@@ -301,6 +301,9 @@ def test_bench_systems_share_settings_and_differ_only_where_named():
     assert "unfreeze.initial" not in settings["ring-full"][1] and "unfreeze.initial" not in settings["tdp-1f1b-full"][1]
     assert settings["ring-noearlystop"][1]["pipeline.early_stop"] is False
     assert settings["ring-noearlystop"][1]["unfreeze.initial"] == 8
+    for name, same in (("ring-nolookahead", "ring-earlystop"), ("line-nolookahead", "line")):  # lookahead ablations
+        own = {k: v for k, v in settings[name][1].items() if k != "pipeline.lookahead"}
+        assert settings[name][1]["pipeline.lookahead"] is False and own == settings[same][1]
     assert settings["tdp-1f1b"][1]["unfreeze.initial"] == 8 and settings["tdp-gpipe"][1]["pipeline.schedule"] == "gpipe"
     assert settings["single"][2] == 1 and all(settings[s][2] == 4 for s in RING_SYSTEMS if s != "single")
     assert settings["tdp-1f1b"][0] == "ringada.baselines.tdp" and settings["line"][1]["pipeline.mode"] == "line"
@@ -454,3 +457,20 @@ def test_the_tta_suite_emulates_ring_and_star_systems_and_needs_a_target_under_a
     with pytest.raises(ValueError, match="--target"):
         run_bench("tta", tmp_path / "out", smoke=True, repeats=1, world=4, profile="configs/profiles/ring4.yaml")
     assert not (tmp_path / "out").exists()
+
+
+def test_simulated_lookahead_by_hand():
+    """line [1, 1], gpipe, 2 micro-batches, the top block trainable, two steps. Step 1: r0 F F [0, 2]; r1 F F B B
+    ends at 7. Rank 0 then runs step 2's two stage-0 forwards in [2, 4], inside the step, so step 2 starts with
+    them done and ends at 6 (r1: F F B B). Without lookahead both steps take 7. The CPU seconds are the same."""
+    from ringada.sim import simulate_pipeline
+
+    extra = {"unfreeze.initial": 1, "unfreeze.every": 10, "run.steps": 2}
+    on = simulate_pipeline(_line_cfg(**extra), [1, 1], _unit_costs())
+    off = simulate_pipeline(_line_cfg(**extra, **{"pipeline.lookahead": "false"}), [1, 1], _unit_costs())
+    assert on["step_s_each"] == pytest.approx([7.0, 6.0]) and off["step_s_each"] == pytest.approx([7.0, 7.0])
+    assert on["cpu_s_per_step"] == off["cpu_s_per_step"]
+    # stage 0 trainable (no early stop): its next forward needs this step's update and a graph, so no lookahead
+    full = {**extra, "pipeline.early_stop": "false"}
+    assert simulate_pipeline(_line_cfg(**full), [1, 1], _unit_costs())["step_s_each"] == \
+        simulate_pipeline(_line_cfg(**full, **{"pipeline.lookahead": "false"}), [1, 1], _unit_costs())["step_s_each"]

@@ -178,3 +178,33 @@ def test_ring_links_through_the_compress_codec(pool2, tmp_path, tiny_dirs, token
     assert sizes["int8"] < 0.6 * sizes["plain"] and sizes["lossless"] != sizes["plain"]
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "int8" / "metrics.jsonl")]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("mode", ["ring", "line"])
+def test_lookahead_runs_the_next_frozen_first_stage_while_waiting_and_learns_the_same(
+        mode, pool2, tmp_path, tiny_dirs, token_jsonl):
+    """pipeline.lookahead: while rank 0 waits for a step's sum, it runs the next step's first stage when that
+    stage is frozen in both steps; the adapters and losses still equal the reference, evaluations between steps
+    included. Links held for 150 ms make rank 0 wait at the end of every step. Ring [1, 3]: stage 0 (block 0)
+    stays frozen, so every step but the last runs ahead. Line [3, 1]: the frontier reaches stage 0's blocks at
+    step 2, so only step 0 runs step 1's stage ahead."""
+    profile = tmp_path / "slow-links.yaml"
+    profile.write_text("reference_gflops: 50\ndevices:\n  - {gflops: 50, memory_mb: 100}\n"
+                       "  - {gflops: 50, memory_mb: 100}\nlinks: {uplink_mbps: 1000, latency_ms: 150}\n")
+    counts = {}
+    for lookahead in (True, False) if mode == "ring" else (True,):
+        out = tmp_path / f"{mode}-{lookahead}"
+        raw = _cfg(out, tiny_dirs["llama"], token_jsonl, mode=mode, partition=[1, 3] if mode == "ring" else [3, 1],
+                   micro=2, steps=4, unfreeze={"initial": 1, "every": 2, "increment": 1})
+        raw["run"]["eval_every"] = 2
+        raw["pipeline"].update({"profile": str(profile), "emulate": True, "lookahead": lookahead})
+        pool2.run(raw)
+        summary, metrics, cfg = _check_against_reference(raw, tiny_dirs["llama"], token_jsonl)
+        _check_messages(summary, metrics, cfg, out)
+        counts[lookahead] = [r["lookahead_mb"] for r in summary["ranks"]]
+    steps, micro = 4, 2
+    if mode == "ring":
+        assert counts[False] == [0, 0]
+        assert counts[True][1] == 0 and steps - 1 <= counts[True][0] <= (steps - 1) * micro
+    else:
+        assert counts[True][1] == 0 and 1 <= counts[True][0] <= micro
