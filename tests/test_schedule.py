@@ -5,7 +5,6 @@ from dataclasses import replace
 
 import pytest
 
-from ringada import schedule as sched
 from ringada.schedule import _execute
 from ringada.schedule import (
     B,
@@ -18,6 +17,7 @@ from ringada.schedule import (
     DeadlockError,
     Message,
     Stage,
+    block_unit_cost,
     build_schedule,
     build_stages,
     does_backward,
@@ -626,25 +626,25 @@ def test_frontier_helpers_reject_bad_arguments(call, match):
 
 
 def _compute(plan, rank):
-    return [(a.kind, a.stage, a.mb) for a in plan.actions[rank] if a.kind in (sched.F, sched.B)]
+    return [(a.kind, a.stage, a.mb) for a in plan.actions[rank] if a.kind in (F, B)]
 
 
 def test_ring_rank0_runs_a_frozen_stage0_first_when_the_head_is_expensive():
     """head_cost picks rank 0's order by block-unit makespan: with SmolLM2's head (about 8 blocks' worth) all of a
     frozen stage 0's forwards go first; with a free head the default order is the faster one and is kept."""
-    default = sched.build_schedule("ring", [11, 19], 4, 22, schedule="1f1b")
-    heavy = sched.build_schedule("ring", [11, 19], 4, 22, schedule="1f1b", head_cost=8.0)
-    assert _compute(heavy, 0)[:4] == [(sched.F, 0, m) for m in range(4)]
+    default = build_schedule("ring", [11, 19], 4, 22, schedule="1f1b")
+    heavy = build_schedule("ring", [11, 19], 4, 22, schedule="1f1b", head_cost=8.0)
+    assert _compute(heavy, 0)[:4] == [(F, 0, m) for m in range(4)]
     assert _compute(default, 0)[:4] != _compute(heavy, 0)[:4]
     assert _compute(heavy, 1) == _compute(default, 1)  # only rank 0 has a choice (its receives follow the sends)
-    cost = sched.block_unit_cost(heavy.stages, 22, 8.0)
-    assert sched.simulate(heavy, cost)["makespan"] < sched.simulate(default, cost)["makespan"]
+    cost = block_unit_cost(heavy.stages, 22, 8.0)
+    assert simulate(heavy, cost)["makespan"] < simulate(default, cost)["makespan"]
     # a cheap head: running every stage-0 forward first would leave rank 1 waiting for heads, so no change
-    cheap = sched.build_schedule("ring", [1, 1], 12, 1, schedule="1f1b", head_cost=0.0)
-    assert cheap.actions == sched.build_schedule("ring", [1, 1], 12, 1, schedule="1f1b").actions
+    cheap = build_schedule("ring", [1, 1], 12, 1, schedule="1f1b", head_cost=0.0)
+    assert cheap.actions == build_schedule("ring", [1, 1], 12, 1, schedule="1f1b").actions
     # stage 0 with backward (frontier 0): the 1F1B order bounds its graphs, so it is never reordered
-    full = sched.build_schedule("ring", [11, 19], 4, 0, schedule="1f1b", head_cost=8.0)
-    assert full.actions == sched.build_schedule("ring", [11, 19], 4, 0, schedule="1f1b").actions
+    full = build_schedule("ring", [11, 19], 4, 0, schedule="1f1b", head_cost=8.0)
+    assert full.actions == build_schedule("ring", [11, 19], 4, 0, schedule="1f1b").actions
     # line: rank 0 holds stage 0 alone
-    line = sched.build_schedule("line", [19, 11], 4, 22, schedule="1f1b", head_cost=8.0)
-    assert line.actions == sched.build_schedule("line", [19, 11], 4, 22, schedule="1f1b").actions
+    line = build_schedule("line", [19, 11], 4, 22, schedule="1f1b", head_cost=8.0)
+    assert line.actions == build_schedule("line", [19, 11], 4, 22, schedule="1f1b").actions
