@@ -413,6 +413,12 @@ def add_predictions(results: list[dict], suite: str, settings: dict, world: int,
         r["predicted_step_s"], r["predicted_step_s_core_per_rank"] = (
             predicted_step(r["system"], own, world, num_blocks, c, profile, r.get("partition")) for c in (cores, None))
         r["measured_over_predicted"] = (r.get("round_step_s") or r["step_s"]) / r["predicted_step_s"]
+        floor = None if profile else step_floor(r["system"], own, world, num_blocks, cores, r.get("partition"))
+        if floor:
+            r["model_cpu_s_per_step"], r["floor_step_s"] = floor["model_cpu_s"], floor["floor_s"]
+            r["step_over_floor"] = r["step_s"] / floor["floor_s"]
+            if r.get("train_cpu_s_per_step") is not None:
+                r["cpu_over_model"] = r["train_cpu_s_per_step"] / floor["model_cpu_s"]
 
 
 def simulator_error(results: list[dict]) -> float | None:
@@ -732,6 +738,40 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
         torch.set_num_threads(threads)
 
 
+def step_floor(system: str, settings: dict, world: int, num_blocks: int, cores: int,
+               partition: list[int] | None = None) -> dict | None:
+    """What a ring, line or single step cannot beat on this machine, from the per-block costs (measured on a
+    quiet machine): ``model_cpu_s`` the compute of a step, and ``floor_s`` = max(that over the cores the ranks
+    can use, the critical path: one micro-batch through every stage, forward and backward, alone). None for
+    the systems the model does not plan (star, tdp)."""
+    import torch
+
+    from . import config as config_mod
+    from .costs import block_costs
+    from .runtime import make_topology
+    from .sim import simulate_pipeline
+
+    module, sets, procs = resolved_settings(system, settings, num_blocks, world)
+    if is_star(system) or module != "ringada":
+        return None
+    cfg = config_mod.load(None, _set_args(sets))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.run.threads or 1)
+    try:
+        M = cfg.data.micro_batches
+        rows = -(-cfg.data.batch_size // M)
+        costs = block_costs(cfg, rows)
+        partition = partition or make_topology(cfg, 0, procs).partition
+        step = simulate_pipeline(cfg, partition, costs)
+        one = config_mod.load(None, _set_args({**sets, "data.batch_size": rows, "data.micro_batches": 1}))
+        path = simulate_pipeline(one, partition, costs, steps=cfg.run.steps)["step_s"]  # one micro-batch alone
+        threads_per_rank = cfg.run.threads or 1  # costs are measured at that many threads, each one busy
+        cpu = step["cpu_s_per_step"] * threads_per_rank
+        return {"model_cpu_s": cpu, "floor_s": max(cpu / min(cores, procs * threads_per_rank), path)}
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -767,6 +807,15 @@ def markdown_table(bench: dict) -> str:
         mean = sum(errors) / len(errors)
         lines += ["", f"Simulator error (measured / predicted − 1): largest {max(errors):.0%}, mean {mean:.0%} over "
                   f"{len(errors)} systems; {sum(e <= 0.15 for e in errors)} of {len(errors)} within 15%."]
+    floors = [r for r in results if r.get("floor_step_s")]
+    if floors:
+        lines += ["", "| system | CPU s per step | the cost model's | CPU / model | CPU busy | floor s (max of compute "
+                  "over cores, critical path) | step / floor |", "|---|---|---|---|---|---|---|"]
+        for r in floors:
+            lines.append(f"| {r['system']} | {_num(r.get('train_cpu_s_per_step'), '.2f')} | "
+                         f"{r['model_cpu_s_per_step']:.2f} | {_num(r.get('cpu_over_model'), '.2f')} | "
+                         f"{_num(r.get('cpu_utilization'), '.0%')} | {r['floor_step_s']:.2f} | "
+                         f"{r['step_over_floor']:.2f} |")
     lines += ["", breakdown_table(results, emulated=bool(bench.get("profile")))]
     star = [r for r in results if "server_held_bytes" in r]
     if star:

@@ -318,6 +318,10 @@ def test_bench_systems_share_settings_and_differ_only_where_named():
     table = markdown_table({"results": [row], "machine": {"cpus": 2}})
     assert "| x | all | 10.0 | 1.50 | 2.00 | 1024 / 512 | 3.0 | - |" in table
     assert "| x | 2.00 | 1.00 | 2.00 | +100% | - | 3.25 | - |" in table and "(2 shared cores)" in table
+    assert "CPU / model" not in table  # no floor figures, no table of them
+    row.update(model_cpu_s_per_step=3.0, cpu_over_model=3.25 / 3.0, cpu_utilization=0.8, floor_step_s=1.6,
+               step_over_floor=2.0 / 1.6)
+    assert "| x | 3.25 | 3.00 | 1.08 | 80% | 1.60 | 1.25 |" in markdown_table({"results": [row], "machine": {"cpus": 2}})
     with pytest.raises(ValueError, match="--repeats: got 0; expected >= 1"):
         run_bench("ring", Path("unused"), True, 0, 4)
 
@@ -474,3 +478,18 @@ def test_simulated_lookahead_by_hand():
     full = {**extra, "pipeline.early_stop": "false"}
     assert simulate_pipeline(_line_cfg(**full), [1, 1], _unit_costs())["step_s_each"] == \
         simulate_pipeline(_line_cfg(**full, **{"pipeline.lookahead": "false"}), [1, 1], _unit_costs())["step_s_each"]
+
+
+def test_step_floor_is_compute_over_cores_or_one_micro_batch_alone(tiny_dirs):
+    """The floor of a step: its modelled compute over the cores its ranks can use, or, where cores are plenty,
+    the critical path (one micro-batch through every stage), which is shorter than the whole step's compute."""
+    from ringada.bench import step_floor
+
+    settings = {"model.path": str(tiny_dirs["llama"]), "data.train": "x.jsonl", "data.seq_len": 16,
+                "data.batch_size": 8, "data.micro_batches": 4, "run.steps": 2}
+    one_core = step_floor("line", settings, 2, 4, cores=1)
+    plenty = step_floor("line", settings, 2, 4, cores=64)
+    assert one_core["floor_s"] == pytest.approx(one_core["model_cpu_s"])  # two ranks on one core
+    assert plenty["model_cpu_s"] == one_core["model_cpu_s"]
+    assert one_core["model_cpu_s"] / 2 <= plenty["floor_s"] < one_core["model_cpu_s"]
+    assert step_floor("sfl", settings, 2, 4, cores=2) is None and step_floor("tdp-1f1b", settings, 2, 4, 2) is None
