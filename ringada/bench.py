@@ -742,8 +742,9 @@ def step_floor(system: str, settings: dict, world: int, num_blocks: int, cores: 
                partition: list[int] | None = None) -> dict | None:
     """What a ring, line or single step cannot beat on this machine, from the per-block costs (measured on a
     quiet machine): ``model_cpu_s`` the compute of a step, and ``floor_s`` = max(that over the cores the ranks
-    can use, the critical path: one micro-batch through every stage, forward and backward, alone). None for
-    the systems the model does not plan (star, tdp)."""
+    can use, the critical path: one micro-batch through every stage, forward and backward, alone, with the
+    system's own settings, pipeline.lookahead included). None for the systems the model does not plan (star,
+    tdp)."""
     import torch
 
     from . import config as config_mod

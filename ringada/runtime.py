@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -341,11 +341,11 @@ class PipelineRuntime:
 
     # -- one global batch
     def train_step(self, step: int, frontier: int, batch: Batch | None, micro_batches: int,
-                   ahead: Ahead | None = None) -> dict:
+                   ahead: Callable[[], Ahead | None] | None = None) -> dict:
         """Forward and backward of one global batch, then (when every rank's loss and gradient norm are finite)
         clipping and the optimizer step. Returns the loss, the global gradient norm and a non-finite report.
-        ``ahead`` (the initiator, pipeline.lookahead): the next step, whose first stage this rank may run while
-        it waits for the others to finish this one (:meth:`_lookahead`)."""
+        ``ahead`` (the initiator, pipeline.lookahead): gives the next step, whose first stage this rank may run
+        while it waits for the others to finish this one (:meth:`_lookahead`)."""
         cpu0, sent0 = time.process_time(), self.wire.counters.bytes_sent if self.wire else 0
         self.adapters.set_frontier(frontier)
         if self.optimizer is not None:
@@ -362,7 +362,7 @@ class PipelineRuntime:
         flags[W + r] = float(not math.isfinite(local_sq))
         loss, count, correct, global_sq, *flags = self.all_reduce_sum(
             [stats.loss, stats.count, stats.correct, local_sq, *flags], step, "summing the step's loss and gradient norm",
-            meanwhile=self._lookahead(plan, ahead, micro_batches) if ahead is not None else None)
+            meanwhile=None if ahead is None else self._lookahead(plan, ahead, micro_batches))
         nonfinite = self._nonfinite(step, loss, global_sq, flags)
         t0 = time.perf_counter()
         if nonfinite:
@@ -381,9 +381,10 @@ class PipelineRuntime:
         return {"loss": loss, "grad_norm": math.sqrt(global_sq) if global_sq >= 0 else math.nan,
                 "nonfinite": nonfinite}
 
-    def _lookahead(self, plan: sched.Plan, ahead: Ahead, micro_batches: int) -> Iterator[int] | None:
-        """Stage 0's forwards of the next step, one micro-batch at a time (pipeline.lookahead; None where it
-        does not apply).
+    def _lookahead(self, plan: sched.Plan, ahead: Callable[[], Ahead | None], micro_batches: int
+                   ) -> Iterator[int]:
+        """Stage 0's forwards of the next step (``ahead()``, asked only once the wait has begun), one
+        micro-batch at a time; nothing where pipeline.lookahead does not apply.
 
         Note (lookahead). At the end of a step the first stage's rank waits for the ranks above it to finish
         their backward. When stage 0 holds no trainable adapter in this step nor in the next one, its output
@@ -394,19 +395,27 @@ class PipelineRuntime:
         above start their work that much earlier. Nothing is sent ahead: every message goes when the plan says,
         so the wire's order, evaluations and checkpoints between steps are untouched."""
         stage = plan.stages[0]
-        if (stage.rank != self.topo.rank or stage.has_head or plan.backward[0]
-                or self.plan(micro_batches, ahead.frontier, train=True).backward[0]):
-            return None
-        return self._lookahead_forwards(stage, ahead, micro_batches)
-
-    def _lookahead_forwards(self, stage: sched.Stage, ahead: Ahead, micro_batches: int) -> Iterator[int]:
-        micro = [b.to(self.device) for b in ahead.batch.split(micro_batches)]
-        plan = self.plan(micro_batches, ahead.frontier, train=True)
+        if stage.rank != self.topo.rank or stage.has_head or plan.backward[0]:
+            return
+        nxt = ahead()
+        if nxt is None:
+            return
+        next_plan = self.plan(micro_batches, nxt.frontier, train=True)
+        if next_plan.backward[0]:
+            return
+        micro = [b.to(self.device) for b in nxt.batch.split(micro_batches)]
         for mb in range(micro_batches):
             t0 = time.perf_counter()
             outputs: dict = {}
-            self._forward(stage, mb, (0, mb), ahead.step, True, False, plan, micro, None, 0, {}, {}, outputs, {})
-            self._ahead[(ahead.step, mb)] = outputs[(0, mb)]
+            try:
+                self._forward(stage, mb, (0, mb), nxt.step, True, False, next_plan, micro, None, 0, {}, {},
+                              outputs, {})
+                if self.device.type == "cuda":  # the work is done, not only queued, before the next check
+                    torch.cuda.current_stream(self.device).synchronize()
+            except Exception as e:
+                raise RuntimeError(f"[rank {self.topo.rank} stage 0 step {nxt.step} mb {mb}: running it ahead, "
+                                   f"during step {nxt.step - 1}'s sum] {e}") from e
+            self._ahead[(nxt.step, mb)] = outputs[(0, mb)]
             self._emulate(t0)
             self.timers.fwd_s += time.perf_counter() - t0
             self.timers.lookahead_mb += 1
@@ -673,7 +682,7 @@ class PipelineTrainer(Trainer):
         trainable = self.unfreezer.trainable(step, epoch) if lead else 0
         epoch, trainable = rt.broadcast_ints([epoch, trainable] if lead else None, 2, step=step)
         result = rt.train_step(step, L - trainable, batch, cfg.data.micro_batches,
-                               ahead=self.next_step(step) if lead else None)
+                               ahead=(lambda: self.next_step(step)) if lead else None)
         loss, nonfinite = result["loss"], result["nonfinite"]
         if not nonfinite:
             self.last_losses.append(loss)

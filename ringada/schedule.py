@@ -297,8 +297,9 @@ def _merge(
     higher stage, then the lower micro-batch.  Returns ``(kind, stage, mb)``
     per rank in execution order; raises :class:`DeadlockError` on a stall.
 
-    ``eager_first``: a ready forward of stage 0 goes before anything else
-    (ring rank 0 with a frozen stage 0, see :func:`build_schedule`).
+    ``eager_first``: a ready forward of stage 0 goes before any other
+    forward (a ready backward still goes first; ring rank 0 with a frozen
+    stage 0, see :func:`build_schedule`).
 
     Only ring rank 0 ever has a choice, between stage 0 and stage N.  Two
     ready forwards are F(N, m') and F(0, m) with m' < m, so "higher stage" is

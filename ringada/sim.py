@@ -56,14 +56,18 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
     ``msg_cost_per_byte``: see the module docstring). fwd_s / bwd_s are each rank's compute at its speed without
     contention, wait_s the rest of its steps (blocked in receives, or done before the step's end), cpu_s the CPU
     seconds it takes on this machine. pipeline.lookahead: after each step, rank 0 runs the next step's stage 0
-    from its own finish, a micro-batch at a time, while the step lasts (the last one started may end past it), and
-    those forwards cost nothing in the next step."""
+    from its own finish, a micro-batch at a time, while the step lasts (at least one; the last one started may
+    end past it), sharing the cores with the ranks still working, and those forwards cost nothing in the next
+    step."""
     world = len(partition)
     mode = "ring" if cfg.pipeline.mode == "ring" else "line"
 
-    def lookahead_applies(plan: sched.Plan, next_plan: sched.Plan) -> bool:  # as PipelineRuntime._lookahead
-        return (cfg.pipeline.lookahead and world > 1 and not plan.stages[0].has_head and not plan.backward[0]
-                and not next_plan.backward[0])
+    def lookahead_applies(step: int, plan: sched.Plan, next_plan: sched.Plan) -> bool:
+        """As PipelineRuntime._lookahead and PipelineTrainer.next_step decide after ``step``."""
+        nxt, u = step + 1, cfg.unfreeze
+        return (cfg.pipeline.lookahead and world > 1 and nxt < steps and not plan.stages[0].has_head
+                and not plan.backward[0] and not next_plan.backward[0]
+                and not (u.by == "plateau" and u.every and nxt % u.every == 0))
     L, M, steps = sum(partition), cfg.data.micro_batches, steps or cfg.run.steps
     speeds = [profile.speed(d.gflops) for d in profile.devices] if profile else [1.0] * world
     # a slower rank computes at this machine's speed and sleeps the rest (the emulation); a faster one is faster
@@ -112,23 +116,26 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
             return trainable * c.block_bwd_s + (c.head_bwd_s if st.has_head else 0.0)
 
         def cost(a: sched.Action, ahead=ahead) -> float:
+            if a.mb >= M:  # the next step's stage 0, run ahead at the end of this one
+                return stage0_forward(a.mb - M) / max(speeds[0], 1.0)
             if a.kind == sched.F and a.stage == 0 and a.mb < ahead:
                 return 0.0  # computed while rank 0 waited for the previous step's end
             return here(a) / max(speeds[plan.stages[a.stage].rank], 1.0)
 
         result = sched.simulate_shared(plan.actions, cost, link, cores=cores, slowdown=slowdown, msg_cost=msg)
-        step_s = result["makespan"]
-        # pipeline.lookahead: rank 0 runs the next step's frozen stage 0 one micro-batch at a time from its own
-        # finish for as long as the step's end (the sum of every rank's loss) has not come; the one it started
-        # last may run past that end
-        ahead, t = 0, result["finish"][0]
-        if step + 1 < steps and lookahead_applies(plan, plan_at(step + 1)):
-            while ahead < M and t < step_s:
-                here_s = stage0_forward(ahead) / max(speeds[0], 1.0)
-                t += here_s * (1.0 + slowdown[0])
-                cpu[0] += here_s
+        # pipeline.lookahead: from its own finish, rank 0 runs the next step's frozen stage 0 a micro-batch at a
+        # time (at least one: the sum has not come the moment it is posted) while the step lasts; the one it
+        # started last may run past the step's end. Then the step again, with that work on rank 0's list.
+        ahead = 0
+        if lookahead_applies(step, plan, plan_at(step + 1)):
+            t = result["finish"][0]
+            while ahead < M and (ahead == 0 or t < result["makespan"]):
+                t += cost(sched.Action(sched.F, 0, M + ahead)) * (1.0 + slowdown[0])
                 ahead += 1
-            step_s = max(step_s, t)
+            actions = [list(acts) for acts in plan.actions]
+            actions[0] += [sched.Action(sched.F, 0, M + m) for m in range(ahead)]
+            result = sched.simulate_shared(actions, cost, link, cores=cores, slowdown=slowdown, msg_cost=msg)
+        step_s = result["makespan"]
         step_times.append(step_s)
         total += step_s
         for r, acts in enumerate(plan.actions):

@@ -474,6 +474,9 @@ def test_simulated_lookahead_by_hand():
     off = simulate_pipeline(_line_cfg(**extra, **{"pipeline.lookahead": "false"}), [1, 1], _unit_costs())
     assert on["step_s_each"] == pytest.approx([7.0, 6.0]) and off["step_s_each"] == pytest.approx([7.0, 7.0])
     assert on["cpu_s_per_step"] == off["cpu_s_per_step"]
+    # a plateau check after every step may move the frontier: the runtime does not look ahead, nor does the model
+    plateau = {**extra, "unfreeze.by": "plateau", "unfreeze.every": 1}
+    assert simulate_pipeline(_line_cfg(**plateau), [1, 1], _unit_costs())["step_s_each"] == pytest.approx([7.0, 7.0])
     # stage 0 trainable (no early stop): its next forward needs this step's update and a graph, so no lookahead
     full = {**extra, "pipeline.early_stop": "false"}
     assert simulate_pipeline(_line_cfg(**full), [1, 1], _unit_costs())["step_s_each"] == \
