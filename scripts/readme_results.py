@@ -28,8 +28,9 @@ def main(bench_path: str, command: str, section: str = "bench") -> int:
         who += f" emulating `{bench['profile']}`" + (" (capacity partition)" if bench["suite"] == "ring" else "")
     body = (f"Command: `{command}` ({bench['repeats']} round(s), median), {who}, "
             f"settings {json.dumps(bench['settings'])}. Machine: {machine['cpus']} CPU cores "
-            f"({platform.processor() or platform.machine()}), Python {machine['python']}, no GPU; all ranks share "
-            "those cores, one thread each.\n\n" + markdown_table(bench)
+            f"({platform.processor() or platform.machine()}), Python {machine['python']}, no GPU; "
+            + ("a core per rank" if bench["suite"] != "star" and bench["world_size"] <= machine["cpus"]
+               else "all ranks share those cores") + ", one thread each.\n\n" + markdown_table(bench)
             + ("\n" + star_figures_table(bench) if bench.get("star_figures") else ""))
     readme = REPO / "README.md"
     text = readme.read_text()
