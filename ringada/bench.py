@@ -694,7 +694,8 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
     (None: a core per rank, as on separate devices of this machine's speed).
 
     tdp: torch.distributed.pipelining propagates ``requires_grad`` between stages, so autograd already stops at
-    the lowest trainable adapter, as the line plan with the same trainable set does. Star: a round of
+    the lowest trainable adapter, as the line plan with the same trainable set does (without the lookahead,
+    which is ringada's). Star: a round of
     star.local_steps steps of every device through the server's order until its last gradient is sent (what
     ``round_step_s`` measures), at this machine's speed with no link delay, or emulating ``profile``. With more
     processes than cores the block costs carry the slowdown measured while every core computes
@@ -706,7 +707,9 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
     from .profiles import load_profile
     from .sim import simulate_pipeline, simulate_star_step
 
-    _, sets, procs = resolved_settings(system, settings, num_blocks, world, profile)
+    module, sets, procs = resolved_settings(system, settings, num_blocks, world, profile)
+    if module != "ringada":  # torch.distributed.pipelining starts a step only when the last one has ended
+        sets = {**sets, "pipeline.lookahead": False}
     cfg = config_mod.load(None, _set_args(sets))
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.run.threads or 1)
