@@ -8,6 +8,7 @@ DIR/bench.md and DIR/*.png.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -700,7 +701,6 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
     ``round_step_s`` measures), at this machine's speed with no link delay, or emulating ``profile``. With more
     processes than cores the block costs carry the slowdown measured while every core computes
     (:func:`costs.contention`)."""
-    import torch
 
     from . import config as config_mod
     from .costs import block_costs, contention
@@ -711,10 +711,8 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
     if module != "ringada":  # torch.distributed.pipelining starts a step only when the last one has ended
         sets = {**sets, "pipeline.lookahead": False}
     cfg = config_mod.load(None, _set_args(sets))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.run.threads or 1)
     shared = cores if cores and procs > cores else None
-    try:
+    with _run_threads(cfg):
         rows = cfg.data.batch_size if is_star(system) else -(-cfg.data.batch_size // cfg.data.micro_batches)
         costs = block_costs(cfg, rows)
         if shared:  # every core of the box is busy at times: a block runs slower than on a quiet machine
@@ -737,6 +735,18 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
         partition = partition or make_topology(cfg, 0, procs).partition  # the run's own (capacity plans vary)
         return simulate_pipeline(cfg, partition, costs, load_profile(profile) if profile else None,
                                  cores=shared)["step_s"]
+
+
+@contextlib.contextmanager
+def _run_threads(cfg):
+    """torch's intra-op threads set to the run's (run.threads, 1 for a torchrun rank) while the block costs are
+    measured or read for it, as the cost cache keys them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.run.threads or 1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -748,7 +758,6 @@ def step_floor(system: str, settings: dict, world: int, num_blocks: int, cores: 
     can use, the critical path: one micro-batch through every stage, forward and backward, alone, with the
     system's own settings, pipeline.lookahead included). None for the systems the model does not plan (star,
     tdp)."""
-    import torch
 
     from . import config as config_mod
     from .costs import block_costs
@@ -759,9 +768,7 @@ def step_floor(system: str, settings: dict, world: int, num_blocks: int, cores: 
     if is_star(system) or module != "ringada":
         return None
     cfg = config_mod.load(None, _set_args(sets))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.run.threads or 1)
-    try:
+    with _run_threads(cfg):
         M = cfg.data.micro_batches
         rows = -(-cfg.data.batch_size // M)
         costs = block_costs(cfg, rows)
@@ -772,8 +779,6 @@ def step_floor(system: str, settings: dict, world: int, num_blocks: int, cores: 
         threads_per_rank = cfg.run.threads or 1  # costs are measured at that many threads, each one busy
         cpu = step["cpu_s_per_step"] * threads_per_rank
         return {"model_cpu_s": cpu, "floor_s": max(cpu / min(cores, procs * threads_per_rank), path)}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _num(value, fmt: str) -> str:
