@@ -358,6 +358,64 @@ def _merge(
     return merged
 
 
+def _list_merge(
+    stages: Sequence[Stage],
+    orders: Sequence[list[tuple[str, int]]],
+    num_ranks: int,
+    cost: Callable[[Action], float],
+    head_first: bool,
+) -> list[list[tuple[str, int, int]]]:
+    """Interleave the stage orders of each rank by an event simulation with ``cost`` per compute action.
+
+    A rank that comes free runs the next pending action of one of its stages whose inputs are done by then,
+    the higher stage's if ``head_first``, else the lower's; with none ready it waits for the first to become
+    ready (messages are free).  Unlike :func:`_merge`'s unit ticks, an expensive head holds rank 0 for as
+    long as it costs, and rank 0 fills the time its head waits for with stage 0's work.  Returns ``(kind,
+    stage, mb)`` per rank in execution order; raises :class:`DeadlockError` on a stall.
+    """
+    last = len(stages) - 1
+    by_rank: list[list[int]] = [[] for _ in range(num_ranks)]
+    for st in stages:
+        by_rank[st.rank].append(st.index)
+    prefs = [sorted(ss, reverse=head_first) for ss in by_rank]
+    pos = [0] * len(stages)
+    done: dict[tuple[str, int, int], float] = {}
+    merged: list[list[tuple[str, int, int]]] = [[] for _ in range(num_ranks)]
+    free_at = [0.0] * num_ranks
+    remaining = sum(len(o) for o in orders)
+
+    def inputs(kind: str, s: int, m: int) -> list[tuple[str, int, int]]:
+        if kind == F:
+            return [] if s == 0 else [(F, s - 1, m)]
+        return [(F, s, m)] if s == last else [(F, s, m), (B, s + 1, m)]
+
+    while remaining:
+        # Each rank's next start: the preferred stage ready when it comes free, else the first to become ready.
+        # The rank that starts first goes; nothing not yet placed can end before it starts (costs are >= 0).
+        best = None
+        for r in range(num_ranks):
+            for s in prefs[r]:
+                if pos[s] == len(orders[s]):
+                    continue
+                kind, m = orders[s][pos[s]]
+                needs = inputs(kind, s, m)
+                if any(n not in done for n in needs):
+                    continue
+                start = max([free_at[r]] + [done[n] for n in needs])
+                if best is None or (start, r) < best[0]:
+                    best = ((start, r), r, s, kind, m)
+        if best is None:
+            heads = ", ".join(f"{orders[s][pos[s]][0]}{s}.{orders[s][pos[s]][1]}"
+                              for s in range(len(stages)) if pos[s] < len(orders[s]))
+            raise DeadlockError(f"deadlock while merging stage orders by cost; blocked: {heads}")
+        (start, _), r, s, kind, m = best
+        pos[s] += 1
+        done[(kind, s, m)] = free_at[r] = start + cost(Action(kind, s, m))
+        merged[r].append((kind, s, m))
+        remaining -= 1
+    return merged
+
+
 def build_schedule(
     mode: str,
     blocks_per_rank: Sequence[int],
@@ -381,13 +439,14 @@ def build_schedule(
     :meth:`Plan.validate`.
 
     ``head_cost`` (the head's work in block units, see
-    ``partition.head_cost_in_blocks``): in a ring whose stage 0 does no
-    backward, rank 0 may also run all of stage 0's forwards before its head
-    work (they depend on nothing but the data, and hold no graph).  With a
-    ``head_cost``, the plan is the one of the two orders that finishes sooner
-    under block-unit costs (see :func:`block_unit_cost`; a tie keeps the
-    order above).  An expensive head favours the eager order: the ranks above
-    get every micro-batch early instead of waiting while rank 0 runs heads.
+    ``partition.head_cost_in_blocks``): in a ring, rank 0 holds two stages
+    and the unit-tick interleaving above ignores that the head costs many
+    blocks.  With a ``head_cost`` the plan is the fastest under block-unit
+    costs (:func:`block_unit_cost`; a tie keeps the earlier) of: the order
+    above; where stage 0 does no backward, the same with stage 0's forwards
+    first (they depend on nothing but the data, and hold no graph); and the
+    two cost-aware interleavings of :func:`_list_merge`.  Each stage keeps
+    its own order, so its activations stay within the schedule's bound.
     """
     stages = build_stages(mode, blocks_per_rank)
     num_ranks = len(blocks_per_rank)
@@ -410,12 +469,15 @@ def build_schedule(
         return plan
 
     plan = plan_of(_merge(stages, orders, num_ranks))
-    if head_cost is not None and mode == RING and not bwd[0]:
-        eager = plan_of(_merge(stages, orders, num_ranks, eager_first=True))
-        cost = block_unit_cost(stages, frontier, head_cost)
-        if simulate(eager, cost)["makespan"] < simulate(plan, cost)["makespan"]:
-            plan = eager
-    return plan
+    if head_cost is None or mode != RING:
+        return plan
+    cost = block_unit_cost(stages, frontier, head_cost)
+    candidates = [plan]
+    if not bwd[0]:
+        candidates.append(plan_of(_merge(stages, orders, num_ranks, eager_first=True)))
+    for head_first in (True, False):
+        candidates.append(plan_of(_list_merge(stages, orders, num_ranks, cost, head_first)))
+    return min(candidates, key=lambda p: simulate(p, cost)["makespan"])  # the first of equals: the order above
 
 
 def block_unit_cost(stages: Sequence[Stage], frontier: int, head_cost: float) -> Callable[[Action], float]:

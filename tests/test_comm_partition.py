@@ -75,9 +75,10 @@ def test_balanced_partition_is_optimal(num_blocks, extra):
 
 
 def test_even_partition_puts_the_head_cost_on_the_right_rank():
-    assert even_partition(30, 4, "ring", head_cost=8.0) == [2, 10, 9, 9]
-    assert even_partition(30, 4, "line", head_cost=8.0) == [10, 10, 9, 1]  # loads 10, 10, 9, 9
-    assert even_partition(4, 4, "ring", head_cost=20.0) == [0, 2, 1, 1]
+    # the head's 16 units (forward and backward) weigh as 8 blocks, each block counting its forward and backward
+    assert even_partition(30, 4, "ring", head_cost=16.0) == [2, 10, 9, 9]
+    assert even_partition(30, 4, "line", head_cost=16.0) == [10, 10, 9, 1]  # loads 10, 10, 9, 9
+    assert even_partition(4, 4, "ring", head_cost=40.0) == [0, 2, 1, 1]
     assert even_partition(8, 2, "ring", head_cost=0.0) == [4, 4]
     assert block_ranges([2, 0, 3]) == [(0, 2), (2, 2), (2, 5)]
 
