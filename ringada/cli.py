@@ -252,13 +252,15 @@ def _print_plan(cfg, args) -> int:
     num_blocks = sum(topo.partition)
     trainable = trainable_count(cfg.unfreeze, num_blocks, args.step, 0, 0)
     mode = "ring" if cfg.pipeline.mode == "ring" else "line"
-    plan = schedule.build_schedule(mode, topo.partition, cfg.data.micro_batches, num_blocks - trainable,
+    frontier = num_blocks - trainable if cfg.pipeline.early_stop else 0  # as PipelineRuntime.plan
+    plan = schedule.build_schedule(mode, topo.partition, cfg.data.micro_batches, frontier,
                                    cfg.model.task == "classification", cfg.pipeline.schedule,
                                    head_cost=head_cost_in_blocks(cfg.model.path, cfg.model.task,
                                                                  cfg.model.num_labels))
     print(f"{cfg.pipeline.mode}, blocks per rank {topo.partition}, {cfg.pipeline.schedule}, "
           f"{cfg.data.micro_batches} micro-batches, step {args.step}: {trainable} trainable blocks "
-          f"(frontier {num_blocks - trainable}); backward stages {plan.backward}")
+          f"(frontier {num_blocks - trainable}{'' if cfg.pipeline.early_stop else ', early_stop off'}); "
+          f"backward stages {plan.backward}")
     print(plan.format(compute_only=args.compute_only))
     return 0
 

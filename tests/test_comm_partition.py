@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ringada import comm
-from ringada.partition import balanced_partition, block_ranges, even_partition
+from ringada.models import parameter_counts
+from ringada.partition import balanced_partition, block_ranges, even_partition, head_cost_in_blocks
 
 
 def test_header_round_trip_for_every_dtype_and_rank():
@@ -120,3 +121,16 @@ def test_capacity_partition_errors_name_the_problem():
 
     with pytest.raises(ValueError, match=r"rank 1 must hold at least 1 block\(s\) but its memory budget fits 0"):
         capacity_partition(4, [1, 1], [0, 0], [4, 0], [0, 1])
+
+
+def test_head_cost_counts_the_heads_forward_and_input_gradient():
+    """SmolLM2's LM head (vocab x hidden, tied) is about 8 blocks' parameters; its forward and the gradient
+    of its input (the head is frozen) count twice that, which `even` weighs against blocks that also run
+    forward and backward: the README's splits."""
+    sizes = parameter_counts("smollm2")
+    cost = head_cost_in_blocks("smollm2")
+    assert cost == pytest.approx(2 * sizes["vocab"] * sizes["hidden"] / sizes["block"], rel=1e-4)  # + final norm
+    assert 15 < cost < 17
+    assert even_partition(30, 2, "ring", cost) == [11, 19]
+    assert even_partition(30, 4, "ring", cost) == [2, 10, 9, 9]
+    assert head_cost_in_blocks("smollm2", "classification", 3) == 0.0

@@ -164,3 +164,26 @@ def test_chunked_head_loss_equals_the_full_logits(tiny_dirs, fam, monkeypatch):
         assert hits == correct_count(logits.detach(), labels)
     with torch.no_grad():
         assert head_loss(cut, hidden, None, labels, chunk_tokens=5)[0] == pytest.approx(float(want), rel=1e-6)
+
+
+def test_plan_command_prints_the_plan_a_ring_runs(tiny_dirs, token_jsonl, capsys):
+    """`ringada plan` builds the plan the runtime builds for that step: with pipeline.early_stop false,
+    backward runs through every stage (frontier 0), and rank 0's order comes from the head's cost."""
+    from ringada import schedule
+    from ringada.cli import main
+    from ringada.partition import head_cost_in_blocks
+    from ringada.runtime import make_topology
+
+    path = str(tiny_dirs["llama"])  # 4 blocks, the top one trainable
+    sets = [f"model.path={path}", f"data.train={token_jsonl}", f"data.eval={token_jsonl}", "pipeline.mode=ring",
+            "unfreeze.initial=1", "unfreeze.every=100", "data.micro_batches=3"]
+    for early_stop, frontier in (("true", 3), ("false", 0)):
+        args = [*sets, f"pipeline.early_stop={early_stop}"]
+        assert main(["plan", "--world", "2", "--compute-only", *[x for a in args for x in ("--set", a)]]) == 0
+        out = capsys.readouterr().out
+        cfg = load(None, args)
+        plan = schedule.build_schedule("ring", make_topology(cfg, 0, 2).partition, 3, frontier, False,
+                                       cfg.pipeline.schedule, head_cost=head_cost_in_blocks(path))
+        assert plan.format(compute_only=True) in out
+        assert f"backward stages {plan.backward}" in out
+    assert "early_stop off" in out and all(plan.backward)
