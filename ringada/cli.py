@@ -237,7 +237,7 @@ def _generate(cfg, args, rank: int) -> None:
 def _print_plan(cfg, args) -> int:
     from . import schedule
     from .partition import head_cost_in_blocks
-    from .runtime import make_topology
+    from .runtime import make_topology, plan_speeds
     from .train import trainable_count
 
     if args.generate:
@@ -256,7 +256,8 @@ def _print_plan(cfg, args) -> int:
     plan = schedule.build_schedule(mode, topo.partition, cfg.data.micro_batches, frontier,
                                    cfg.model.task == "classification", cfg.pipeline.schedule,
                                    head_cost=head_cost_in_blocks(cfg.model.path, cfg.model.task,
-                                                                 cfg.model.num_labels))
+                                                                 cfg.model.num_labels),
+                                   speeds=plan_speeds(cfg, args.world))
     print(f"{cfg.pipeline.mode}, blocks per rank {topo.partition}, {cfg.pipeline.schedule}, "
           f"{cfg.data.micro_batches} micro-batches, step {args.step}: {trainable} trainable blocks "
           f"(frontier {num_blocks - trainable}{'' if cfg.pipeline.early_stop else ', early_stop off'}); "

@@ -120,6 +120,19 @@ def make_topology(cfg: Config, rank: int, world_size: int, partition: list[int] 
                     stages=sched.build_stages("ring" if mode == "ring" else "line", partition))
 
 
+def plan_speeds(cfg: Config, world_size: int) -> list[float] | None:
+    """The ranks' relative speeds from pipeline.profile, for rank 0's order in the plans (every rank reads the
+    same file, so they build the same plans); None without a profile for these ranks."""
+    if not cfg.pipeline.profile or cfg.pipeline.mode not in ("ring", "line"):
+        return None
+    from .profiles import load_profile
+
+    profile = load_profile(cfg.pipeline.profile)
+    if len(profile.devices) != world_size:
+        return None
+    return [profile.speed(d.gflops) for d in profile.devices]
+
+
 # ------------------------------------------------------------------------------------------------------ runtime
 
 
@@ -170,6 +183,7 @@ class PipelineRuntime:
         # A classification head always trains; the frontier alone decides for a causal LM.
         self.head_trainable = cfg.model.task == "classification"
         self.head_cost = head_cost_in_blocks(cfg.model.path, cfg.model.task, cfg.model.num_labels)  # for plans
+        self.speeds = plan_speeds(cfg, topo.world_size)
         self.slowdown, link_delay = 0.0, None
         if cfg.pipeline.emulate:
             from .profiles import load_profile
@@ -202,7 +216,7 @@ class PipelineRuntime:
         if key not in self._plans:
             self._plans[key] = sched.build_schedule(self.topo.plan_mode, self.topo.partition, micro_batches,
                                                     frontier, head_trainable, self.cfg.pipeline.schedule,
-                                                    head_cost=self.head_cost)
+                                                    head_cost=self.head_cost, speeds=self.speeds)
         return self._plans[key]
 
     # -- control plane

@@ -424,6 +424,7 @@ def build_schedule(
     head_trainable: bool = False,
     schedule: str = GPIPE,
     head_cost: float | None = None,
+    speeds: Sequence[float] | None = None,
 ) -> Plan:
     """Build and validate the per-rank action lists of one global batch.
 
@@ -447,6 +448,8 @@ def build_schedule(
     first (they depend on nothing but the data, and hold no graph); and the
     two cost-aware interleavings of :func:`_list_merge`.  Each stage keeps
     its own order, so its activations stay within the schedule's bound.
+    ``speeds`` (one per rank, relative; e.g. a profile's): each rank's costs
+    over its speed, for ranks of unequal speed.
     """
     stages = build_stages(mode, blocks_per_rank)
     num_ranks = len(blocks_per_rank)
@@ -471,7 +474,7 @@ def build_schedule(
     plan = plan_of(_merge(stages, orders, num_ranks))
     if head_cost is None or mode != RING:
         return plan
-    cost = block_unit_cost(stages, frontier, head_cost)
+    cost = block_unit_cost(stages, frontier, head_cost, speeds)
     candidates = [plan]
     if not bwd[0]:
         candidates.append(plan_of(_merge(stages, orders, num_ranks, eager_first=True)))
@@ -480,17 +483,24 @@ def build_schedule(
     return min(candidates, key=lambda p: simulate(p, cost)["makespan"])  # the first of equals: the order above
 
 
-def block_unit_cost(stages: Sequence[Stage], frontier: int, head_cost: float) -> Callable[[Action], float]:
+def block_unit_cost(stages: Sequence[Stage], frontier: int, head_cost: float,
+                    speeds: Sequence[float] | None = None) -> Callable[[Action], float]:
     """A compute action's work in block units, from the plan's structure alone (so that every rank, building
     its plan on its own, makes the same choice): a forward costs its blocks (the head's ``head_cost`` on the
     head's stage: its gradient is taken in the forward, see train.head_loss), a backward its trainable blocks
-    (a LoRA block's backward through frozen weights costs about its forward)."""
+    (a LoRA block's backward through frozen weights costs about its forward). With ``speeds``, over the
+    speed of the stage's rank."""
+    num_ranks = max(st.rank for st in stages) + 1
+    if speeds is not None and (len(speeds) != num_ranks or not all(v > 0 for v in speeds)):
+        raise ValueError(f"speeds must hold one value > 0 per rank ({num_ranks}), got {list(speeds)!r}")
 
     def cost(a: Action) -> float:
         st = stages[a.stage]
         if a.kind == F:
-            return st.num_blocks + (head_cost if st.has_head else 0.0)
-        return max(0, st.hi - max(st.lo, frontier))
+            work = st.num_blocks + (head_cost if st.has_head else 0.0)
+        else:
+            work = max(0, st.hi - max(st.lo, frontier))
+        return work / speeds[st.rank] if speeds is not None else float(work)
 
     return cost
 

@@ -96,7 +96,8 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
         frontier = frontier_at(step)
         if frontier not in plans:
             plans[frontier] = sched.build_schedule(mode, partition, M, frontier, head_trainable,
-                                                   cfg.pipeline.schedule, head_cost=head_cost)
+                                                   cfg.pipeline.schedule, head_cost=head_cost,
+                                                   speeds=speeds if profile else None)
         return plans[frontier]
 
     def stage0_forward(m: int) -> float:

@@ -709,3 +709,19 @@ def test_ring_rank0_order_is_near_the_best_interleaving():
                 continue
             best = min(best, simulate(trial, cost)["makespan"])
         assert simulate(plan, cost)["makespan"] <= 1.12 * best
+
+
+def test_ring_rank0_order_weighs_each_ranks_speed():
+    """ring4.yaml's split and speeds (hub 1, phone 0.3, tablet 0.5, laptop 1): with the speeds, the order chosen
+    is faster under the speed-weighted costs than the one chosen as if all ranks were equal; ranks of equal
+    speed change nothing."""
+    speeds = [1.0, 0.3, 0.5, 1.0]
+    for head_cost in (12.0, 15.0):
+        equal = build_schedule("ring", [14, 3, 5, 8], 4, 22, schedule="1f1b", head_cost=head_cost)
+        timed = build_schedule("ring", [14, 3, 5, 8], 4, 22, schedule="1f1b", head_cost=head_cost, speeds=speeds)
+        cost = block_unit_cost(timed.stages, 22, head_cost, speeds)
+        assert simulate(timed, cost)["makespan"] < 0.93 * simulate(equal, cost)["makespan"]
+    same = build_schedule("ring", [14, 3, 5, 8], 4, 22, schedule="1f1b", head_cost=15.0, speeds=[2.0] * 4)
+    assert same.actions == build_schedule("ring", [14, 3, 5, 8], 4, 22, schedule="1f1b", head_cost=15.0).actions
+    with pytest.raises(ValueError, match="one value > 0 per rank"):
+        build_schedule("ring", [14, 3, 5, 8], 4, 22, head_cost=15.0, speeds=[1.0, 0.0, 1.0, 1.0])
