@@ -113,7 +113,7 @@ def plan_capacity(cfg, world_size: int) -> tuple[list[int], dict]:
     rows = -(-cfg.data.batch_size // cfg.data.micro_batches)
     costs = block_costs(cfg, rows)
     ring = cfg.pipeline.mode == "ring"
-    speeds = [profile.speed(d.gflops) for d in profile.devices]
+    speeds = profile.device_speeds()
     model, held = memory_model(cfg, rows), held_micro_batches(cfg, world_size)
     block_mem = model.per_block(held)
     head_rank = 0 if ring else world_size - 1

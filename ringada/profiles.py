@@ -27,6 +27,10 @@ class Profile:
     def speed(self, gflops: float) -> float:
         return gflops / self.reference_gflops
 
+    def device_speeds(self) -> list[float]:
+        """Every device's speed factor, in order (the ranks of a ring or line profile)."""
+        return [self.speed(d.gflops) for d in self.devices]
+
     def link_seconds(self, nbytes: float, mbps: float | None = None) -> float:
         """Latency plus serialization time of one message."""
         return self.latency_ms / 1e3 + nbytes * 8 / ((mbps or self.uplink_mbps) * 1e6)

@@ -130,7 +130,7 @@ def plan_speeds(cfg: Config, world_size: int) -> list[float] | None:
     profile = load_profile(cfg.pipeline.profile)
     if len(profile.devices) != world_size:
         return None
-    return [profile.speed(d.gflops) for d in profile.devices]
+    return profile.device_speeds()
 
 
 # ------------------------------------------------------------------------------------------------------ runtime

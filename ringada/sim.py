@@ -69,7 +69,7 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
                 and not plan.backward[0] and not next_plan.backward[0]
                 and not (u.by == "plateau" and u.every and nxt % u.every == 0))
     L, M, steps = sum(partition), cfg.data.micro_batches, steps or cfg.run.steps
-    speeds = [profile.speed(d.gflops) for d in profile.devices] if profile else [1.0] * world
+    speeds = profile.device_speeds() if profile else [1.0] * world
     # a slower rank computes at this machine's speed and sleeps the rest (the emulation); a faster one is faster
     slowdown = [emulated_slowdown(s) for s in speeds]
     net = RankSpeeds(speeds, profile)
