@@ -36,7 +36,8 @@ class RunConfig:
     """Number of optimizer steps (global batches)."""
     eval_every: int = 0
     """Evaluate every this many steps (0: only before and after training); star modes evaluate at the end of
-    the round in which a multiple of eval_every falls."""
+    the round in which a multiple of eval_every falls. Where a plateau check (unfreeze.by plateau) evaluated
+    the same adapters after the same step, its record serves (and the final evaluation's too)."""
     eval_batches: int = 8
     """Number of eval batches (of data.batch_size sequences) per evaluation; 0 evaluates the whole eval set."""
     log_every: int = 1

@@ -44,6 +44,9 @@ class UnitResult:
     tokens: int = 0
     loss: float | None = None  # the unit's last finite training loss
     nonfinite: str | None = None  # "non-finite loss (nan) at step 4 micro-batch 1 on rank 0", or None
+    # the eval record of the adapters the unit ended with, where the unit evaluated them itself (a plateau check),
+    # on every rank alike: the driver's evaluation at the same point reuses it
+    evaluated: dict | None = None
 
 
 class Trainer(ABC):
@@ -120,12 +123,13 @@ def drive(cfg: Config, trainer: Trainer, resume: tuple[Path, dict] | None) -> di
     begin = time.perf_counter()
     bar = progress(cfg.run.steps, enabled=lead)
     bar.update(start_step)
-    stopped = None
+    stopped, evaluated = None, None
     for unit in range(start_unit, units):
         t0 = time.perf_counter()
         result = tr.train_unit(unit)
         done = (unit + 1) * per_unit
         stop = result.nonfinite is not None and cfg.optim.on_nonfinite == "stop"
+        evaluated = result.evaluated
         if not stop:  # a stopped unit counts for nothing: the checkpoint holds the state before it
             counters["train_s"] += time.perf_counter() - t0
             counters["tokens"] += result.tokens
@@ -137,7 +141,7 @@ def drive(cfg: Config, trainer: Trainer, resume: tuple[Path, dict] | None) -> di
             if lead:
                 log.warning("%s; the update is skipped on every rank (optim.on_nonfinite=skip)", result.nonfinite)
         if not stop and tr.has_eval and _due(cfg.run.eval_every, done, per_unit) and unit + 1 < units:
-            ev = tr.evaluate()
+            ev = evaluated or tr.evaluate()
             if lead and result.records:
                 result.records[-1].update(ev)
         note = result.records[-1].get("note", "") if result.records else ""
@@ -160,7 +164,7 @@ def drive(cfg: Config, trainer: Trainer, resume: tuple[Path, dict] | None) -> di
             _save_checkpoint(cfg, tr, done, counters)
     bar.close()
     wall = time.perf_counter() - begin
-    after = tr.evaluate() if tr.has_eval and not stopped else {}
+    after = (evaluated or tr.evaluate()) if tr.has_eval and not stopped else {}
     final = tr.adapters()
     own = tr.finish()
     if not lead:

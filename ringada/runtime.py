@@ -701,14 +701,15 @@ class PipelineTrainer(Trainer):
         if not nonfinite:
             self.last_losses.append(loss)
         stopping = nonfinite is not None and cfg.optim.on_nonfinite == "stop"  # (a checkpoint of the state before)
+        evaluated = None
         if cfg.unfreeze.by == "plateau" and cfg.unfreeze.every and (step + 1) % cfg.unfreeze.every == 0 \
                 and not stopping:
-            signal = self.evaluate()["eval_loss"] if self.has_eval else \
-                sum(self.last_losses) / max(len(self.last_losses), 1)
+            evaluated = self.evaluate() if self.has_eval else None
+            signal = evaluated["eval_loss"] if evaluated else sum(self.last_losses) / max(len(self.last_losses), 1)
             self.unfreezer.observe(signal)
             self.last_losses = []
         if not lead:
-            return UnitResult(nonfinite=nonfinite)
+            return UnitResult(nonfinite=nonfinite, evaluated=evaluated)
         record = {"step": step, "loss": None if nonfinite else loss, "trainable_blocks": trainable,
                   "frontier": L - trainable, "epoch": epoch,
                   "grad_norm": None if nonfinite else result["grad_norm"],
@@ -716,7 +717,7 @@ class PipelineTrainer(Trainer):
         if nonfinite:
             record.update({"skipped": True, "nonfinite": nonfinite})
         return UnitResult(records=[record], tokens=input_tokens(batch), loss=None if nonfinite else loss,
-                          nonfinite=nonfinite)
+                          nonfinite=nonfinite, evaluated=evaluated)
 
     def next_step(self, step: int) -> Ahead | None:
         """Step ``step + 1`` as the initiator will run it, where that is known now (pipeline.lookahead): not
