@@ -254,6 +254,10 @@ def run_system(system: str, settings: dict, out: Path, world: int, num_blocks: i
             extra["eval_loss_exact"] = extra["eval_loss_codec"] = summary.get("eval_loss")
         extra["compress"] = {k.removeprefix("compress."): v for k, v in sets.items() if k.startswith("compress.")}
     extra["curve"] = eval_curve(out, summary)
+    if sets.get("unfreeze.by") == "plateau" and module == "ringada":
+        # the frontier followed the losses this run saw: the time model takes the same path
+        extra["trainable_each_step"] = [json.loads(line)["trainable_blocks"]
+                                        for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = summary["steps"]
     cpu = [r.get("train_cpu_s") for r in ranks]
     trainable = "all" if trains_all(system) else "top 25%"
@@ -412,7 +416,8 @@ def add_predictions(results: list[dict], suite: str, settings: dict, world: int,
     for r in results:
         own = own_settings(suite, r["system"], settings, world)
         r["predicted_step_s"], r["predicted_step_s_core_per_rank"] = (
-            predicted_step(r["system"], own, world, num_blocks, c, profile, r.get("partition")) for c in (cores, None))
+            predicted_step(r["system"], own, world, num_blocks, c, profile, r.get("partition"),
+                           r.get("trainable_each_step")) for c in (cores, None))
         r["measured_over_predicted"] = (r.get("round_step_s") or r["step_s"]) / r["predicted_step_s"]
         floor = None if profile else step_floor(r["system"], own, world, num_blocks, cores, r.get("partition"))
         if floor:
@@ -689,7 +694,8 @@ def machine(device: str) -> dict:
 
 
 def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cores: int | None,
-                   profile: str | None = None, partition: list[int] | None = None) -> float:
+                   profile: str | None = None, partition: list[int] | None = None,
+                   trainable: list[int] | None = None) -> float:
     """The time model: the system's plan (its partition, schedule and trainable set) through the simulator with
     per-block costs measured once on this machine at the system's thread count, its ranks sharing ``cores``
     (None: a core per rank, as on separate devices of this machine's speed).
@@ -734,7 +740,7 @@ def predicted_step(system: str, settings: dict, world: int, num_blocks: int, cor
 
         partition = partition or make_topology(cfg, 0, procs).partition  # the run's own (capacity plans vary)
         return simulate_pipeline(cfg, partition, costs, load_profile(profile) if profile else None,
-                                 cores=shared)["step_s"]
+                                 cores=shared, trainable=trainable)["step_s"]
 
 
 @contextlib.contextmanager

@@ -51,14 +51,17 @@ def _per_byte(msg_cost_per_byte: float, nbytes):
 
 
 def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: Profile | None = None,
-                      steps: int | None = None, cores: int | None = None, msg_cost_per_byte: float = 0.0) -> dict:
+                      steps: int | None = None, cores: int | None = None, msg_cost_per_byte: float = 0.0,
+                      trainable: Sequence[int] | None = None) -> dict:
     """Predicted timings of a ring / line / single run (``steps`` defaults to run.steps; ``cores`` and
     ``msg_cost_per_byte``: see the module docstring). fwd_s / bwd_s are each rank's compute at its speed without
     contention, wait_s the rest of its steps (blocked in receives, or done before the step's end), cpu_s the CPU
     seconds it takes on this machine. pipeline.lookahead: after each step, rank 0 runs the next step's stage 0
     from its own finish, a micro-batch at a time, while the step lasts (at least one; the last one started may
     end past it), sharing the cores with the ranks still working, and those forwards cost nothing in the next
-    step."""
+    step. A plateau check (unfreeze.by plateau) evaluates inside its step: run.eval_batches forward-only batches
+    of data.batch_size rows (with run.eval_batches 0, the whole eval set, whose size is not read here, no time). ``trainable``: each step's trainable blocks as a run recorded them (metrics.jsonl),
+    for a frontier that followed the losses the run saw; without it, the unfreezing schedule with no plateau."""
     world = len(partition)
     mode = "ring" if cfg.pipeline.mode == "ring" else "line"
 
@@ -69,6 +72,8 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
                 and not plan.backward[0] and not next_plan.backward[0]
                 and not (u.by == "plateau" and u.every and nxt % u.every == 0))
     L, M, steps = sum(partition), cfg.data.micro_batches, steps or cfg.run.steps
+    if trainable is not None and len(trainable) < steps:
+        raise ValueError(f"trainable: got {len(trainable)} steps' trainable blocks for {steps} steps")
     speeds = profile.device_speeds() if profile else [1.0] * world
     # a slower rank computes at this machine's speed and sleeps the rest (the emulation); a faster one is faster
     slowdown = [emulated_slowdown(s) for s in speeds]
@@ -77,6 +82,10 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
     mb_costs = [costs.scaled(r) for r in rows]
     head_trainable = cfg.model.task == "classification"
     head_cost = head_cost_in_blocks(cfg.model.path, cfg.model.task, cfg.model.num_labels)  # as the runtime's plans
+    # a plateau check evaluates after its step, inside the step's time (PipelineTrainer.train_unit): run.eval_batches
+    # batches of data.batch_size rows (the eval set is assumed to have that many; 0, the whole set, is left out)
+    u = cfg.unfreeze
+    eval_batches = cfg.run.eval_batches if cfg.data.eval else 0
     fwd, bwd, idle, cpu = [0.0] * world, [0.0] * world, [0.0] * world, [0.0] * world
     sent, recv = [0] * world, [0] * world
     total, step_times, plans = 0.0, [], {}
@@ -90,15 +99,27 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
     msg = _per_byte(msg_cost_per_byte, message_bytes)
 
     def frontier_at(step: int) -> int:  # where backward stops: the lowest trainable block, or 0 without early stop
-        return L - trainable_count(cfg.unfreeze, L, step, 0, 0) if cfg.pipeline.early_stop else 0
+        if not cfg.pipeline.early_stop:
+            return 0
+        if trainable:  # past the run's end (the lookahead's question), where it ended
+            return L - trainable[min(step, len(trainable) - 1)]
+        return L - trainable_count(cfg.unfreeze, L, step, 0, 0)
 
-    def plan_at(step: int) -> sched.Plan:
-        frontier = frontier_at(step)
-        if frontier not in plans:
-            plans[frontier] = sched.build_schedule(mode, partition, M, frontier, head_trainable,
-                                                   cfg.pipeline.schedule, head_cost=head_cost,
-                                                   speeds=speeds if profile else None)
-        return plans[frontier]
+    def plan_at(step: int, evaluation: bool = False) -> sched.Plan:
+        """The step's plan, or with ``evaluation`` the forward-only plan of an eval batch (as runtime.plan)."""
+        key = (L, False) if evaluation else (frontier_at(step), head_trainable)
+        if key not in plans:
+            plans[key] = sched.build_schedule(mode, partition, M, *key, cfg.pipeline.schedule,
+                                              head_cost=head_cost, speeds=speeds if profile else None)
+        return plans[key]
+
+    def checks_plateau(step: int) -> bool:
+        return u.by == "plateau" and bool(u.every) and (step + 1) % u.every == 0 and eval_batches > 0
+
+    def forward_here(a: sched.Action, plan: sched.Plan) -> float:
+        st, c = plan.stages[a.stage], mb_costs[a.mb]
+        t = (c.embed_s if st.has_embed else 0.0) + st.num_blocks * c.block_fwd_s
+        return t + (c.head_fwd_s if st.has_head else 0.0)
 
     def stage0_forward(m: int) -> float:
         return mb_costs[m].embed_s + partition[0] * mb_costs[m].block_fwd_s
@@ -109,12 +130,11 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
 
         def here(a: sched.Action) -> float:
             """The action's compute on this machine."""
-            st, c = plan.stages[a.stage], mb_costs[a.mb]
             if a.kind == sched.F:
-                t = (c.embed_s if st.has_embed else 0.0) + st.num_blocks * c.block_fwd_s
-                return t + (c.head_fwd_s if st.has_head else 0.0)
-            trainable = max(0, st.hi - max(st.lo, frontier))
-            return trainable * c.block_bwd_s + (c.head_bwd_s if st.has_head else 0.0)
+                return forward_here(a, plan)
+            st, c = plan.stages[a.stage], mb_costs[a.mb]
+            trained = max(0, st.hi - max(st.lo, frontier))
+            return trained * c.block_bwd_s + (c.head_bwd_s if st.has_head else 0.0)
 
         def cost(a: sched.Action, ahead=ahead) -> float:
             if a.mb >= M:  # the next step's stage 0, run ahead at the end of this one
@@ -150,6 +170,17 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
                     recv[a.peer] += message_bytes(a)
             idle[r] += step_s - result["busy"][r]
             cpu[r] += result["cpu"][r]
+        if checks_plateau(step):  # the evaluation is part of this step
+            check = plan_at(step, evaluation=True)
+            one = sched.simulate_shared(check.actions, lambda a: forward_here(a, check) / max(speeds[
+                check.stages[a.stage].rank], 1.0), link, cores=cores, slowdown=slowdown, msg_cost=msg)
+            eval_s = eval_batches * one["makespan"]
+            step_times[-1] += eval_s
+            total += eval_s
+            for r, acts in enumerate(check.actions):
+                fwd[r] += eval_batches * sum(forward_here(a, check) / speeds[r] for a in acts if a.kind == sched.F)
+                idle[r] += eval_s - eval_batches * one["busy"][r]
+                cpu[r] += eval_batches * one["cpu"][r]
     tokens = steps * cfg.data.batch_size * cfg.data.seq_len
     ranges = [(sum(partition[:r]), sum(partition[:r + 1])) for r in range(world)]
     return {

@@ -475,8 +475,21 @@ def test_simulated_lookahead_by_hand():
     assert on["step_s_each"] == pytest.approx([7.0, 6.0]) and off["step_s_each"] == pytest.approx([7.0, 7.0])
     assert on["cpu_s_per_step"] == off["cpu_s_per_step"]
     # a plateau check after every step may move the frontier: the runtime does not look ahead, nor does the model
-    plateau = {**extra, "unfreeze.by": "plateau", "unfreeze.every": 1}
+    plateau = {**extra, "unfreeze.by": "plateau", "unfreeze.every": 1, "data.eval": "null"}
     assert simulate_pipeline(_line_cfg(**plateau), [1, 1], _unit_costs())["step_s_each"] == pytest.approx([7.0, 7.0])
+    # the check evaluates inside its step: each eval batch is a forward-only plan, r0 F F [0, 2], r1 F F [1, 3]
+    evaluated = simulate_pipeline(_line_cfg(**{**plateau, "data.eval": "shakespeare", "run.eval_batches": 2}),
+                                  [1, 1], _unit_costs())
+    assert evaluated["step_s_each"] == pytest.approx([7.0 + 2 * 3.0, 7.0 + 2 * 3.0])
+    assert [r["fwd_s"] for r in evaluated["ranks"]] == [2 * (2.0 + 2 * 2.0)] * 2  # per step: 2 training, 2 × 2 eval
+    # a frontier that followed the run's losses is simulated along the path the run recorded
+    path = {**plateau, "unfreeze.every": 10}
+    recorded = simulate_pipeline(_line_cfg(**path), [1, 1], _unit_costs(), trainable=[1, 2])["step_s_each"]
+    assert recorded == simulate_pipeline(_line_cfg(**{**extra, "unfreeze.every": 1}), [1, 1],
+                                         _unit_costs())["step_s_each"]
+    assert recorded != simulate_pipeline(_line_cfg(**path), [1, 1], _unit_costs())["step_s_each"]
+    with pytest.raises(ValueError, match="trainable"):
+        simulate_pipeline(_line_cfg(**path), [1, 1], _unit_costs(), trainable=[1])
     # stage 0 trainable (no early stop): its next forward needs this step's update and a graph, so no lookahead
     full = {**extra, "pipeline.early_stop": "false"}
     assert simulate_pipeline(_line_cfg(**full), [1, 1], _unit_costs())["step_s_each"] == \
