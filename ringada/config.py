@@ -143,8 +143,10 @@ class PipelineConfig:
     schedule: Literal["gpipe", "1f1b"] = "1f1b"
     """Micro-batch schedule for ring/line: `gpipe` (all forwards, then all backwards) or `1f1b`."""
     partition: str | list[int] = "even"
-    """Blocks per rank: `even`, `capacity` (fastest split that fits pipeline.profile's memory budgets, from
-    measured per-block costs), or an explicit list with one entry per rank."""
+    """Blocks per rank: `even`, `capacity` (the split whose slowest rank is fastest within pipeline.profile's
+    memory budgets, from measured per-block costs), `fastest` (the split whose training the simulator predicts
+    shortest: the run's own plans, unfreezing and early stop included, from measured per-block costs; with a
+    profile, its speeds, links and budgets), or an explicit list with one entry per rank."""
     profile: str | None = None
     """Profile YAML (configs/profiles/) of the ranks: speed and memory budget per rank, link bandwidth/latency.
     With a profile, each rank's estimated memory is checked against its budget before training starts."""
@@ -556,8 +558,9 @@ def validate(cfg: Config) -> None:
     _require(optim.grad_clip >= 0, f"optim.grad_clip: got {optim.grad_clip}; expected >= 0 (0: off)")
 
     if isinstance(pipe.partition, str):
-        _require(pipe.partition in ("even", "capacity"),
-                 f"pipeline.partition: got {pipe.partition!r}; expected even, capacity or a list of blocks per rank")
+        _require(pipe.partition in ("even", "capacity", "fastest"),
+                 f"pipeline.partition: got {pipe.partition!r}; expected even, capacity, fastest or a list of blocks "
+                 "per rank")
     else:
         _require(len(pipe.partition) >= 1, "pipeline.partition: got []; expected one entry per rank")
         _require(all(n >= 0 for n in pipe.partition),

@@ -461,6 +461,7 @@ def generate(cfg: Config, adapter_dir: str | Path, prompts: list[str | list[int]
     on the world torchrun gave (or one process). Returns the summary on rank 0 (with ``completions``)."""
     from .launch import placement, world_from_env
     from .models import load_tokenizer, read_config, resolve_model_dir
+    from .partition import PLANNED
     from .runtime import gather_rank_rows, make_topology
 
     rank, world_size = world_from_env()
@@ -470,8 +471,8 @@ def generate(cfg: Config, adapter_dir: str | Path, prompts: list[str | list[int]
     cfg = _ring_config(cfg, world_size)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    capacity = cfg.pipeline.partition == "capacity" and world_size > 1
-    topo = make_topology(cfg, rank, world_size, partition=[0] * world_size if capacity and rank else None)
+    planned = cfg.pipeline.partition in PLANNED and world_size > 1  # rank 0 plans, the others take its split
+    topo = make_topology(cfg, rank, world_size, partition=[0] * world_size if planned and rank else None)
     model_dir = resolve_model_dir(cfg.model.path)
     eos, pad = special_tokens(model_dir)
     adapter_dir = Path(adapter_dir)
@@ -501,7 +502,7 @@ def generate(cfg: Config, adapter_dir: str | Path, prompts: list[str | list[int]
         if not head[0]:
             raise ConfigError("rank 0 refused to generate (its log names the setting)")
         n_micro, passes, partition = head[1], head[2], head[3:]
-        if capacity:
+        if planned:
             topo = make_topology(cfg, rank, world_size, partition=partition)
         place = Placement(device, data_groups)
         wire = Wire(rank, device, data_groups=data_groups, timeout_s=cfg.run.timeout_s) if world_size > 1 else None

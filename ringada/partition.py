@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import heapq
+import itertools
+from collections.abc import Callable, Sequence
+
+# the splits rank 0 plans at start-up from costs it measures, and every rank then takes from it
+PLANNED = ("capacity", "fastest")
 
 
 def balanced_partition(num_blocks: int, extra_cost: list[float], min_blocks: list[int] | None = None) -> list[int]:
@@ -66,6 +71,72 @@ def capacity_partition(num_blocks: int, block_cost: list[float], extra_cost: lis
         if blocks[r] < max_blocks[r]:
             heapq.heappush(heap, (extra_cost[r] + (blocks[r] + 1) * block_cost[r], r))
     return blocks
+
+
+def search_partition(start: Sequence[int], predict: Callable[[list[int]], float], min_blocks: Sequence[int],
+                     max_blocks: Sequence[int] | None = None) -> tuple[list[int], float]:
+    """`fastest`'s search: from ``start``, re-split the blocks of one pair of ranks at a time (every split of the
+    pair's blocks within ``min_blocks`` / ``max_blocks``, the other ranks' counts kept), taking the change that
+    lowers ``predict`` most, until none does. Returns (partition, its prediction). With two ranks that is every
+    split; with more, a split that no re-split of a pair improves (the best one where the time is a sum of
+    convex per-rank terms). Ties keep the earlier split, so an equal one never replaces ``start``. Each split is
+    predicted once."""
+    known: dict[tuple[int, ...], float] = {}
+
+    def predicted(split: list[int]) -> float:
+        if tuple(split) not in known:
+            known[tuple(split)] = predict(split)
+        return known[tuple(split)]
+
+    best = list(start)
+    best_t = predicted(best)
+    upper = list(max_blocks) if max_blocks is not None else [sum(best)] * len(best)
+    while True:
+        found = None
+        for i, j in itertools.combinations(range(len(best)), 2):
+            pair = best[i] + best[j]
+            for left in range(max(min_blocks[i], pair - upper[j]), min(upper[i], pair - min_blocks[j]) + 1):
+                if left == best[i]:
+                    continue
+                candidate = list(best)
+                candidate[i], candidate[j] = left, pair - left
+                t = predicted(candidate)
+                if t < (found[1] if found else best_t) * (1 - 1e-9):
+                    found = (candidate, t)
+        if found is None:
+            return best, best_t
+        best, best_t = found
+
+
+def plan_fastest(cfg, world_size: int) -> tuple[list[int], dict]:
+    """`pipeline.partition: fastest` for a ring or line: the split whose training the simulator predicts shortest
+    (sim.predicted_run_s: the run's own plans and unfreezing schedule, per-block costs measured on this machine),
+    searched (:func:`search_partition`) from `even`'s split, a core per rank; with pipeline.profile from
+    `capacity`'s, at each rank's speed and links and within its memory budget. Returns (partition, details)."""
+    from .costs import block_costs
+    from .models import num_blocks_of
+    from .profiles import load_profile
+    from .sim import predicted_run_s
+
+    num_blocks, ring = num_blocks_of(cfg.model.path), cfg.pipeline.mode == "ring"
+    minimum = [0 if (ring and r == 0) else 1 for r in range(world_size)]
+    if cfg.pipeline.profile:
+        start, details = plan_capacity(cfg, world_size)
+        caps, profile = details["max_blocks"], load_profile(cfg.pipeline.profile)
+    else:
+        start = even_partition(num_blocks, world_size, cfg.pipeline.mode,
+                               head_cost_in_blocks(cfg.model.path, cfg.model.task, cfg.model.num_labels))
+        caps, profile = None, None
+    costs = block_costs(cfg, -(-cfg.data.batch_size // cfg.data.micro_batches))
+    predicted: dict[tuple[int, ...], float] = {}
+
+    def predict(partition: list[int]) -> float:
+        predicted[tuple(partition)] = t = predicted_run_s(cfg, partition, costs, profile)
+        return t
+
+    partition, seconds = search_partition(start, predict, minimum, caps)
+    return partition, {"start": start, "start_s": predicted[tuple(start)], "predicted_s": seconds,
+                       "max_blocks": caps, "searched": len(predicted)}
 
 
 def stage_times(partition: list[int], block_cost: list[float], extra_cost: list[float]) -> list[float]:

@@ -33,7 +33,8 @@ from .compress import SmashedCodec, link_codecs
 from .config import Config, ConfigError
 from .data import Batch
 from .models import load_model, num_blocks_of, read_config, resolve_model_dir
-from .partition import block_ranges, check_memory, even_partition, head_cost_in_blocks, plan_capacity
+from .partition import PLANNED, block_ranges, check_memory, even_partition, head_cost_in_blocks, plan_capacity, \
+    plan_fastest
 from .driver import Trainer, UnitResult
 from .train import (Unfreezer, clip_coefficient, eval_record, head_loss, input_tokens, load_run_data,
                     make_optimizer, peak_rss_bytes, run_blocks)
@@ -109,9 +110,14 @@ def make_topology(cfg: Config, rank: int, world_size: int, partition: list[int] 
             if rank == 0:
                 log.info("capacity partition %s: max blocks per rank %s, stage seconds %s", partition,
                          details["max_blocks"], [round(t, 3) for t in details["stage_s"]])
+        elif part == "fastest":
+            try:
+                partition = _fastest_plan(cfg, world_size, log_it=rank == 0)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         else:
             partition = list(part)
-    if cfg.pipeline.profile and part != "capacity" and mode != "single":
+    if cfg.pipeline.profile and part not in PLANNED and mode != "single":
         try:
             check_memory(cfg, partition)
         except ValueError as e:
@@ -582,10 +588,10 @@ class PipelineJob:
     every user mistake already checked."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int):
-        # A capacity plan is measured on the initiator once the group exists, then agreed on (see build).
-        self.capacity = cfg.pipeline.partition == "capacity" and cfg.pipeline.mode != "single"
+        # A capacity or fastest plan is measured on the initiator once the group exists, then agreed on (see build).
+        self.planned = cfg.pipeline.partition in PLANNED and cfg.pipeline.mode != "single"
         self.cfg = cfg
-        self.topo = make_topology(cfg, rank, world_size, partition=[0] * world_size if self.capacity else None)
+        self.topo = make_topology(cfg, rank, world_size, partition=[0] * world_size if self.planned else None)
         check_target_modules(cfg.adapter, cfg.model.path, cfg.model.task)
         self.is_lead = self.topo.is_initiator  # it owns the data
         self.data = load_run_data(cfg, read_config(cfg.model.path).vocab_size) if self.is_lead else None
@@ -595,7 +601,8 @@ class PipelineJob:
 
     def build(self, refusal: ConfigError | None, resume_step: int, place: Placement = Placement()
               ) -> PipelineTrainer:
-        """Collective: agree on the lead's resume decision (and a capacity plan), then load this rank's slice."""
+        """Collective: agree on the lead's resume decision (and a capacity or fastest plan), then load this rank's
+        slice."""
         cfg, topo = self.cfg, self.topo
         if topo.world_size == 1:
             if refusal is not None:
@@ -605,7 +612,7 @@ class PipelineJob:
         plan = [-1] * topo.world_size
         if topo.is_initiator and refusal is None:
             try:
-                plan = _capacity_plan(cfg, topo.world_size) if self.capacity else list(topo.partition)
+                plan = _planned_partition(cfg, topo.world_size) if self.planned else list(topo.partition)
             except ValueError as e:
                 refusal = ConfigError(str(e))
         t = torch.tensor(plan, dtype=torch.int64)
@@ -614,9 +621,9 @@ class PipelineJob:
         if refusal is not None:
             raise refusal
         if int(t[0]) < 0:
-            raise ConfigError("rank 0 refused to start (a resume that does not fit, or no capacity plan); its log "
+            raise ConfigError("rank 0 refused to start (a resume that does not fit, or no partition plan); its log "
                               "names the setting")
-        if self.capacity:
+        if self.planned:
             self.topo = topo = make_topology(cfg, topo.rank, topo.world_size, partition=t.tolist())
         if cfg.run.resume is not False:
             # Note: torchrun's c10d rendezvous may hand rank 0 to another box after a restart that changed the
@@ -634,10 +641,20 @@ class PipelineJob:
         return PipelineTrainer(cfg, topo, place, self.data)
 
 
-def _capacity_plan(cfg: Config, world_size: int) -> list[int]:
+def _planned_partition(cfg: Config, world_size: int) -> list[int]:
+    if cfg.pipeline.partition == "fastest":
+        return _fastest_plan(cfg, world_size)
     plan, details = plan_capacity(cfg, world_size)
     log.info("capacity partition %s: max blocks per rank %s, stage seconds %s", plan, details["max_blocks"],
              [round(t, 3) for t in details["stage_s"]])
+    return plan
+
+
+def _fastest_plan(cfg: Config, world_size: int, log_it: bool = True) -> list[int]:
+    plan, details = plan_fastest(cfg, world_size)
+    if log_it:
+        log.info("fastest partition %s: predicted training %.1f s, against %.1f s for %s (%d splits simulated)",
+                 plan, details["predicted_s"], details["start_s"], details["start"], details["searched"])
     return plan
 
 

@@ -52,7 +52,7 @@ def _per_byte(msg_cost_per_byte: float, nbytes):
 
 def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: Profile | None = None,
                       steps: int | None = None, cores: int | None = None, msg_cost_per_byte: float = 0.0,
-                      trainable: Sequence[int] | None = None) -> dict:
+                      trainable: Sequence[int] | None = None, evaluations: bool = True) -> dict:
     """Predicted timings of a ring / line / single run (``steps`` defaults to run.steps; ``cores`` and
     ``msg_cost_per_byte``: see the module docstring). fwd_s / bwd_s are each rank's compute at its speed without
     contention, wait_s the rest of its steps (blocked in receives, or done before the step's end), cpu_s the CPU
@@ -61,7 +61,8 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
     end past it), sharing the cores with the ranks still working, and those forwards cost nothing in the next
     step. A plateau check (unfreeze.by plateau) evaluates inside its step: run.eval_batches forward-only batches
     of data.batch_size rows (with run.eval_batches 0, the whole eval set, whose size is not read here, no time). ``trainable``: each step's trainable blocks as a run recorded them (metrics.jsonl),
-    for a frontier that followed the losses the run saw; without it, the unfreezing schedule with no plateau."""
+    for a frontier that followed the losses the run saw; without it, the unfreezing schedule with no plateau.
+    ``evaluations`` false leaves the plateau checks' evaluations out."""
     world = len(partition)
     mode = "ring" if cfg.pipeline.mode == "ring" else "line"
 
@@ -85,7 +86,7 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
     # a plateau check evaluates after its step, inside the step's time (PipelineTrainer.train_unit): run.eval_batches
     # batches of data.batch_size rows (the eval set is assumed to have that many; 0, the whole set, is left out)
     u = cfg.unfreeze
-    eval_batches = cfg.run.eval_batches if cfg.data.eval else 0
+    eval_batches = cfg.run.eval_batches if cfg.data.eval and evaluations else 0
     fwd, bwd, idle, cpu = [0.0] * world, [0.0] * world, [0.0] * world, [0.0] * world
     sent, recv = [0] * world, [0] * world
     total, step_times, plans = 0.0, [], {}
@@ -193,6 +194,24 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
         "ranks": [{"rank": r, "blocks": list(ranges[r]), "fwd_s": fwd[r], "bwd_s": bwd[r], "wait_s": idle[r],
                    "cpu_s": cpu[r], "bytes_sent": sent[r], "bytes_recv": recv[r]} for r in range(world)],
     }
+
+
+def predicted_run_s(cfg: Config, partition: list[int], costs: Costs, profile: Profile | None = None) -> float:
+    """A run's training time on ``partition`` as the simulator predicts it (a core per rank), for choosing a
+    split: the steps grouped by trainable set (the unfreezing schedule; by epochs or plateau, whose frontier the
+    run finds out, the initial set), each group of n steps simulated as its first step, n - 2 of its middle
+    step (the lookahead both ways) and its last, or whole where n <= 3. Plateau checks' evaluations, about the
+    same on any split, are left out."""
+    L = sum(partition)
+    path = [trainable_count(cfg.unfreeze, L, s, 0, 0) for s in range(cfg.run.steps)]
+    total, s = 0.0, 0
+    while s < len(path):
+        n = next((k for k in range(s, len(path)) if path[k] != path[s]), len(path)) - s
+        each = simulate_pipeline(cfg, partition, costs, profile, steps=min(n, 3), trainable=[path[s]] * min(n, 3),
+                                 evaluations=False)["step_s_each"]
+        total += sum(each) + (n - 3) * each[1] if n > 3 else sum(each)
+        s += n
+    return total
 
 
 STAR_MODES = ("sfl", "sft")

@@ -509,3 +509,39 @@ def test_step_floor_is_compute_over_cores_or_one_micro_batch_alone(tiny_dirs):
     assert plenty["model_cpu_s"] == one_core["model_cpu_s"]
     assert one_core["model_cpu_s"] / 2 <= plenty["floor_s"] < one_core["model_cpu_s"]
     assert step_floor("sfl", settings, 2, 4, cores=2) is None and step_floor("tdp-1f1b", settings, 2, 4, 2) is None
+
+
+def test_predicted_run_groups_steps_by_trainable_set():
+    """A run's predicted training, as `fastest` compares splits: each trainable set's steps as first, middle and
+    last step. Where every middle step is alike (the lookahead both ways) that is the whole run's simulation."""
+    from ringada.sim import predicted_run_s, simulate_pipeline
+
+    for extra in ({"unfreeze.initial": 1, "unfreeze.every": 100, "run.steps": 6},  # one set: F F, then lookahead
+                  {"unfreeze.initial": 1, "unfreeze.every": 4, "run.steps": 7}):  # 4 steps of the top block, 3 of both
+        cfg = _line_cfg(**extra, **{"data.eval": "null"})
+        assert predicted_run_s(cfg, [1, 1], _unit_costs()) == pytest.approx(
+            simulate_pipeline(cfg, [1, 1], _unit_costs())["wall_s"])
+
+
+def test_fastest_partition_is_the_best_predicted_split(tiny_dirs):
+    """`fastest`: for two ranks, the split with the shortest predicted training among all of them, from the costs
+    measured on this machine; the runtime's topology takes it."""
+    from ringada.costs import block_costs
+    from ringada.partition import plan_fastest
+    from ringada.runtime import make_topology
+    from ringada.sim import predicted_run_s
+
+    for mode in ("ring", "line"):
+        cfg = load(None, [f"model.path={tiny_dirs['llama']}", f"pipeline.mode={mode}", "pipeline.partition=fastest",
+                          "data.seq_len=16", "data.batch_size=4", "data.micro_batches=2", "data.train=x.jsonl",
+                          "unfreeze.initial=1", "unfreeze.every=2", "run.steps=8"])
+        partition, details = plan_fastest(cfg, 2)
+        costs = block_costs(cfg, 2)
+        splits = [[a, 4 - a] for a in range(0 if mode == "ring" else 1, 4)]
+        best = min(predicted_run_s(cfg, s, costs) for s in splits)
+        assert details["predicted_s"] == pytest.approx(best) and sum(partition) == 4
+        assert predicted_run_s(cfg, partition, costs) == pytest.approx(best)
+        assert details["predicted_s"] <= details["start_s"]
+        assert make_topology(cfg, 0, 2).partition == partition
+    with pytest.raises(ConfigError, match="pipeline.partition: got 'fastest'; pipeline.mode=single"):
+        load(None, ["pipeline.partition=fastest"])

@@ -116,6 +116,47 @@ def test_capacity_partition_is_optimal_under_memory_limits(seed):
                                                                                  minimum))
 
 
+def test_search_partition_finds_every_best_split_of_two_ranks_and_respects_the_bounds():
+    from ringada.partition import search_partition
+
+    # a local minimum at [6, 4], where moving one block at a time would stop; the best is [9, 1]
+    times = {6: 3.3, 5: 3.5, 7: 3.7, 8: 3.5, 9: 3.0, 4: 3.9, 3: 4.0, 2: 4.1, 1: 4.2}
+    calls = []
+
+    def predict(split):
+        calls.append(list(split))
+        return times[split[0]]
+
+    assert search_partition([5, 5], predict, [1, 1]) == ([9, 1], 3.0)
+    assert len(calls) == len({tuple(c) for c in calls}) == 9  # each split predicted once
+    assert search_partition([5, 5], predict, [1, 1], max_blocks=[8, 9]) == ([6, 4], 3.3)  # [9, 1] does not fit
+    # an equal prediction never replaces the start
+    assert search_partition([5, 5], lambda split: 1.0, [1, 1]) == ([5, 5], 1.0)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_search_partition_reaches_the_best_split_of_a_separable_cost(seed):
+    """Where the time is a sum of convex per-rank terms, no re-split of a pair improving means the optimum."""
+    import random
+
+    from ringada.partition import search_partition
+
+    rng = random.Random(seed)
+    world, num_blocks = rng.randint(2, 4), rng.randint(6, 12)
+    weight = [rng.uniform(0.5, 3.0) for _ in range(world)]
+    target = [rng.uniform(0, num_blocks) for _ in range(world)]
+
+    def predict(split):
+        return sum(w * (b - t) ** 2 for w, b, t in zip(weight, split, target))
+
+    minimum = [0] + [1] * (world - 1)
+    start = [num_blocks - world + 1] + [1] * (world - 1)
+    split, value = search_partition(start, predict, minimum)
+    best = min(predict(list(p)) for p in itertools.product(range(num_blocks + 1), repeat=world)
+               if sum(p) == num_blocks and all(b >= lo for b, lo in zip(p, minimum)))
+    assert sum(split) == num_blocks and value == pytest.approx(best)
+
+
 def test_capacity_partition_errors_name_the_problem():
     from ringada.partition import capacity_partition
 

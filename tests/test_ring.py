@@ -80,7 +80,8 @@ CASES = {
     "ring2-uneven-gpipe-3mb-moving-frontier-clip": dict(
         world=2, family="llama", partition=[1, 3], schedule="gpipe", micro=3,
         unfreeze={"initial": 1, "every": 2, "increment": 1}, optim={"weight_decay": 0.1, "grad_clip": 0.05}),
-    "ring2-gpt2-1f1b-6mb": dict(world=2, family="gpt2", partition="even", schedule="1f1b", micro=6),
+    # rank 0 plans the split from the costs it measures, the other rank takes it
+    "ring2-gpt2-1f1b-6mb-fastest-split": dict(world=2, family="gpt2", partition="fastest", schedule="1f1b", micro=6),
     "ring2-bottleneck-1mb": dict(world=2, family="llama", partition=[2, 2], schedule="1f1b", micro=1,
                                  kind="bottleneck", unfreeze={"initial": 1, "every": 1, "increment": 2}),
     "ring4-empty-initiator-1f1b-5mb-frontier-crosses-ranks": dict(
