@@ -60,9 +60,10 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
     from its own finish, a micro-batch at a time, while the step lasts (at least one; the last one started may
     end past it), sharing the cores with the ranks still working, and those forwards cost nothing in the next
     step. A plateau check (unfreeze.by plateau) evaluates inside its step: run.eval_batches forward-only batches
-    of data.batch_size rows (with run.eval_batches 0, the whole eval set, whose size is not read here, no time). ``trainable``: each step's trainable blocks as a run recorded them (metrics.jsonl),
-    for a frontier that followed the losses the run saw; without it, the unfreezing schedule with no plateau.
-    ``evaluations`` false leaves the plateau checks' evaluations out."""
+    of data.batch_size rows (with run.eval_batches 0, the whole eval set, whose size is not read here, no time);
+    ``evaluations`` false leaves them out. ``trainable``: each step's trainable blocks as a run recorded them
+    (metrics.jsonl), for a frontier that followed the losses the run saw; without it, the unfreezing schedule
+    with no plateau."""
     world = len(partition)
     mode = "ring" if cfg.pipeline.mode == "ring" else "line"
 
