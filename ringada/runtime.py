@@ -230,10 +230,16 @@ class PipelineRuntime:
         """Rank 0's ``values`` on every rank (a tensor broadcast; identity in one process)."""
         if self.topo.world_size == 1:
             return list(values)
-        t = torch.tensor(values if values is not None else [0] * length, dtype=torch.int64)
+        t, t0 = torch.tensor(values if values is not None else [0] * length, dtype=torch.int64), time.perf_counter()
         with collective(self.topo.rank, "receiving the initiator's step plan", step, self.cfg.run.timeout_s):
             dist.broadcast(t, src=0)
+        self._waited(t0)
         return t.tolist()
+
+    def _waited(self, since: float) -> None:
+        """Time blocked in a collective counts as waiting, as in a receive (the summary's wait_s)."""
+        if self.wire is not None:
+            self.wire.counters.wait_s += time.perf_counter() - since
 
     def all_reduce_sum(self, values: list[float], step: int, action: str,
                        meanwhile: Iterator[int] | None = None) -> list[float]:
@@ -241,14 +247,16 @@ class PipelineRuntime:
         sum has not arrived (other ranks are still computing); what it did not reach is left undone."""
         if self.topo.world_size == 1:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        t, t0 = torch.tensor(values, dtype=torch.float64), time.perf_counter()
         with collective(self.topo.rank, action, step, self.cfg.run.timeout_s):
             work = dist.all_reduce(t, async_op=meanwhile is not None)
         if meanwhile is not None:
             while not work.is_completed() and next(meanwhile, None) is not None:
                 pass
+            t0 = time.perf_counter()  # the work done meanwhile is computing, not waiting
             with collective(self.topo.rank, action, step, self.cfg.run.timeout_s):
                 work.wait()
+        self._waited(t0)
         return t.tolist()
 
     # -- the executor
