@@ -173,7 +173,7 @@ class Counters:
     bytes_recv: int = 0
     messages_sent: int = 0
     messages_recv: int = 0
-    wait_s: float = 0.0  # time blocked waiting for data to arrive
+    wait_s: float = 0.0  # time blocked waiting for data to arrive, or for a peer to take what was sent
     sent_by_kind: dict = field(default_factory=dict)  # kind name -> [messages, bytes]
     recv_by_kind: dict = field(default_factory=dict)
 
@@ -308,13 +308,16 @@ class Wire:
         return kind, tensors
 
     def flush(self) -> None:
-        """Wait for every outstanding send (their buffers are kept alive until here)."""
+        """Wait for every outstanding send (their buffers are kept alive until here); the time a peer takes to
+        receive them counts as waiting."""
         pending, self._pending_sends = self._pending_sends, []
+        t0 = time.perf_counter()
         for work, _, dst, kind, step in pending:
             try:
                 self._wait(work)
             except RuntimeError as e:
                 raise self._error(dst, step, f"sending {KIND_NAMES[kind]}", e) from e
+        self.counters.wait_s += time.perf_counter() - t0
 
     def reap(self) -> None:
         """Release the sends that have completed, without waiting for the others (a long stream of messages,

@@ -295,7 +295,8 @@ def test_emulated_ring_learns_exactly_what_the_plain_ring_learns(pool2, tmp_path
 
 def test_waiting_in_the_steps_sums_counts_as_waiting(pool2, tmp_path, tiny_dirs, token_jsonl):
     """A line whose rank 0 holds one frozen block and a slow rank 1 holds the rest: rank 0 receives nothing in a
-    training step and spends it blocked in the step's sum, which its wait_s shows (it showed nothing)."""
+    training step and spends it waiting for rank 1 to take its activations and then in the step's sum, which
+    its wait_s shows (it showed neither)."""
     from tests.test_ring import _cfg
 
     raw = _cfg(tmp_path / "out", tiny_dirs["llama"], token_jsonl, mode="line", partition=[1, 3], micro=2, steps=3,
@@ -304,7 +305,7 @@ def test_waiting_in_the_steps_sums_counts_as_waiting(pool2, tmp_path, tiny_dirs,
     pool2.run(raw)
     ranks = json.loads((tmp_path / "out" / "summary.json").read_text())["ranks"]
     slow = ranks[1]["fwd_s"] + ranks[1]["bwd_s"]  # its compute, stretched 20 times
-    assert ranks[0]["wait_s"] > 0.5 * slow > 10 * (ranks[0]["fwd_s"] + ranks[0]["bwd_s"])
+    assert ranks[0]["wait_s"] > 0.8 * slow > 10 * (ranks[0]["fwd_s"] + ranks[0]["bwd_s"])
 
 
 def test_bench_systems_share_settings_and_differ_only_where_named():
