@@ -102,17 +102,9 @@ def make_topology(cfg: Config, rank: int, world_size: int, partition: list[int] 
         elif part == "even":
             partition = even_partition(num_blocks, world_size, mode,
                                        head_cost_in_blocks(cfg.model.path, cfg.model.task, cfg.model.num_labels))
-        elif part == "capacity":
+        elif part in PLANNED:
             try:
-                partition, details = plan_capacity(cfg, world_size)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            if rank == 0:
-                log.info("capacity partition %s: max blocks per rank %s, stage seconds %s", partition,
-                         details["max_blocks"], [round(t, 3) for t in details["stage_s"]])
-        elif part == "fastest":
-            try:
-                partition = _fastest_plan(cfg, world_size, log_it=rank == 0)
+                partition = _planned_partition(cfg, world_size, log_it=rank == 0)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         else:
@@ -649,20 +641,18 @@ class PipelineJob:
         return PipelineTrainer(cfg, topo, place, self.data)
 
 
-def _planned_partition(cfg: Config, world_size: int) -> list[int]:
+def _planned_partition(cfg: Config, world_size: int, log_it: bool = True) -> list[int]:
+    """pipeline.partition capacity or fastest, from costs measured here (rank 0's plan, which the others take)."""
     if cfg.pipeline.partition == "fastest":
-        return _fastest_plan(cfg, world_size)
+        plan, details = plan_fastest(cfg, world_size)
+        if log_it:
+            log.info("fastest partition %s: predicted training %.1f s, against %.1f s for %s (%d splits simulated)",
+                     plan, details["predicted_s"], details["start_s"], details["start"], details["searched"])
+        return plan
     plan, details = plan_capacity(cfg, world_size)
-    log.info("capacity partition %s: max blocks per rank %s, stage seconds %s", plan, details["max_blocks"],
-             [round(t, 3) for t in details["stage_s"]])
-    return plan
-
-
-def _fastest_plan(cfg: Config, world_size: int, log_it: bool = True) -> list[int]:
-    plan, details = plan_fastest(cfg, world_size)
     if log_it:
-        log.info("fastest partition %s: predicted training %.1f s, against %.1f s for %s (%d splits simulated)",
-                 plan, details["predicted_s"], details["start_s"], details["start"], details["searched"])
+        log.info("capacity partition %s: max blocks per rank %s, stage seconds %s", plan, details["max_blocks"],
+                 [round(t, 3) for t in details["stage_s"]])
     return plan
 
 
