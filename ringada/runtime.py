@@ -157,6 +157,17 @@ class Ahead:
 
 
 @dataclass
+class AheadForward:
+    """A next-step micro-batch's stage-0 forward, run ahead (pipeline.lookahead) up to block ``block``: what the
+    next step's forward continues from."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor | None
+    ctx: dict
+    block: int
+
+
+@dataclass
 class StepStats:
     loss: float = 0.0  # sum of this rank's scaled micro-batch losses (train) or loss sums (eval)
     count: int = 0
@@ -193,8 +204,8 @@ class PipelineRuntime:
                          log_messages=cfg.run.message_log, link_delay=link_delay) if topo.world_size > 1 else None
         self.timers = RankTimers()
         self._plans: dict[tuple, sched.Plan] = {}
-        # pipeline.lookahead: (step, micro-batch) -> stage 0's output, computed in the previous step's tail
-        self._ahead: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # pipeline.lookahead: (step, micro-batch) -> stage 0's forward, run (or begun) in the previous step's tail
+        self._ahead: dict[tuple[int, int], AheadForward] = {}
         # pipeline.compress: ACT and GRAD payloads through the compress section's codecs (error feedback, when on,
         # per (peer, micro-batch) stream); evaluations only with compress.eval=codec
         self.smash = SmashedCodec(link_codecs(cfg.compress), cfg.run.seed) if cfg.pipeline.compress else None
@@ -253,7 +264,7 @@ class PipelineRuntime:
 
     # -- the executor
     def execute(self, plan: sched.Plan, step: int, train: bool, micro: list[Batch] | None,
-                labels: list[torch.Tensor] | None, total: int) -> StepStats:
+                labels: list[torch.Tensor] | None, total: int, meanwhile: Iterator | None = None) -> StepStats:
         """Run this rank's action list for one global batch. ``micro`` (the initiator) are the micro-batches;
         ``labels`` (the head holder) their labels; ``total`` the targets counted in the whole batch."""
         rank, wire, stages, backward = self.topo.rank, self.wire, plan.stages, plan.backward
@@ -307,7 +318,7 @@ class PipelineRuntime:
             except Exception as e:
                 raise RuntimeError(f"[rank {rank} stage {a.stage} step {step} mb {a.mb} action {a}] {e}") from e
         if wire is not None:
-            wire.flush()
+            wire.flush(meanwhile)
         if self.topo.holds_head:
             stats.count = total
         return stats
@@ -327,28 +338,32 @@ class PipelineRuntime:
         if self.slowdown:
             time.sleep((time.perf_counter() - started) * self.slowdown)
 
+    def _blocks(self, lo, hi, hidden, ctx, plan, step, mb, grad, train):
+        return run_blocks(self.cut, lo, hi, hidden, ctx, frontier=plan.frontier, grad=grad, training=train,
+                          seed=self.cfg.run.seed, step=step, micro_batch=mb, dropout=self.cfg.adapter.dropout > 0)
+
     def _forward(self, stage, mb, key, step, train, grad, plan, micro, labels, total, inputs, masks, outputs,
                  losses):
         cut = self.cut
-        if stage.has_embed and not grad and (step, mb) in self._ahead:  # pipeline.lookahead did it already
-            outputs[key] = self._ahead.pop((step, mb))
-            return 0.0, 0
-        if stage.has_embed:
-            batch = micro[mb]
-            with torch.no_grad():
-                hidden = cut.embed(batch.input_ids)
-            if grad and not self.cfg.pipeline.early_stop:
-                hidden.requires_grad_(True)  # no early stop: backward runs down to the embedding output
-            mask = batch.attention_mask
+        ahead = self._ahead.pop((step, mb), None) if stage.has_embed and not grad else None
+        if ahead is not None:  # pipeline.lookahead ran it during the last step's tail, up to block ahead.block
+            hidden, mask, ctx, lo = ahead.hidden, ahead.mask, ahead.ctx, ahead.block
         else:
-            hidden, mask = inputs[key], masks.pop(key)
-            if not hidden.requires_grad:
-                del inputs[key]  # kept only while its gradient still has to be sent down
-        with torch.no_grad():
-            ctx = cut.context(hidden, mask)
-        hidden = run_blocks(cut, stage.lo, stage.hi, hidden, ctx, frontier=plan.frontier, grad=grad,
-                            training=train, seed=self.cfg.run.seed, step=step, micro_batch=mb,
-                            dropout=self.cfg.adapter.dropout > 0)
+            if stage.has_embed:
+                batch = micro[mb]
+                with torch.no_grad():
+                    hidden = cut.embed(batch.input_ids)
+                if grad and not self.cfg.pipeline.early_stop:
+                    hidden.requires_grad_(True)  # no early stop: backward runs down to the embedding output
+                mask = batch.attention_mask
+            else:
+                hidden, mask = inputs[key], masks.pop(key)
+                if not hidden.requires_grad:
+                    del inputs[key]  # kept only while its gradient still has to be sent down
+            with torch.no_grad():
+                ctx = cut.context(hidden, mask)
+            lo = stage.lo
+        hidden = self._blocks(lo, stage.hi, hidden, ctx, plan, step, mb, grad, train)
         if not stage.has_head:
             outputs[key] = (hidden, mask)
             return 0.0, 0
@@ -371,8 +386,10 @@ class PipelineRuntime:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         plan = self.plan(micro_batches, frontier, train=True)
-        stats = self._run_batch(plan, step, True, batch, micro_batches)
-        self._ahead.clear()  # what this step did not use (its plan needed a graph there) is of no further use
+        # pipeline.lookahead: the next step's first stage, run while this rank waits for its sends to be taken
+        # (the wire's flush) and then for the step's sum
+        meanwhile = None if ahead is None else self._lookahead(plan, ahead, micro_batches)
+        stats = self._run_batch(plan, step, True, batch, micro_batches, meanwhile)
         grads = [p.grad for p in self.adapters.trainable() if p.grad is not None]
         local_sq = sum(float(g.double().pow(2).sum()) for g in grads)
         # every rank's verdict travels in the same all_reduce as the loss, so all ranks decide alike
@@ -382,7 +399,9 @@ class PipelineRuntime:
         flags[W + r] = float(not math.isfinite(local_sq))
         loss, count, correct, global_sq, *flags = self.all_reduce_sum(
             [stats.loss, stats.count, stats.correct, local_sq, *flags], step, "summing the step's loss and gradient norm",
-            meanwhile=None if ahead is None else self._lookahead(plan, ahead, micro_batches))
+            meanwhile=meanwhile)
+        for key in [k for k in self._ahead if k[0] <= step]:
+            del self._ahead[key]  # what this step did not use (its plan needed a graph there) is of no further use
         nonfinite = self._nonfinite(step, loss, global_sq, flags)
         t0 = time.perf_counter()
         if nonfinite:
@@ -403,17 +422,20 @@ class PipelineRuntime:
 
     def _lookahead(self, plan: sched.Plan, ahead: Callable[[], Ahead | None], micro_batches: int
                    ) -> Iterator[int]:
-        """Stage 0's forwards of the next step (``ahead()``, asked only once the wait has begun), one
-        micro-batch at a time; nothing where pipeline.lookahead does not apply.
+        """Stage 0's forwards of the next step (``ahead()``, asked only once the wait has begun), a few blocks
+        at a time (about a quarter of the stage); nothing where pipeline.lookahead does not apply.
 
-        Note (lookahead). At the end of a step the first stage's rank waits for the ranks above it to finish
-        their backward. When stage 0 holds no trainable adapter in this step nor in the next one, its output
-        for the next step depends only on that step's batch and frozen weights that no optimizer step changes,
-        so it can be computed now, exactly as the next step would compute it (same code, same dropout seeds).
-        The rank runs these forwards while the step's sum is on its way and stops when it has arrived, so it
-        takes only time it would have waited; the next step then starts its first sends at once, and the ranks
-        above start their work that much earlier. Nothing is sent ahead: every message goes when the plan says,
-        so the wire's order, evaluations and checkpoints between steps are untouched."""
+        Note (lookahead). At the end of a step the first stage's rank waits: for the rank above it to take its
+        last sends (line mode, where it holds no head), then for the ranks above it to finish their backward.
+        When stage 0 holds no trainable adapter in this step nor in the next one, its output for the next step
+        depends only on that step's batch and frozen weights that no optimizer step changes, so it can be
+        computed now, exactly as the next step would compute it (same code, same dropout seeds, drawn per
+        block). The rank runs these forwards while its sends are in flight and the step's sum is on its way,
+        and stops as soon as both are done: it takes only time it would have waited, and at most a quarter of
+        a stage's forward past it. A micro-batch left half done is continued by the next step's forward from
+        the block where it stopped; the next step starts its first sends at once, and the ranks above start
+        their work that much earlier. Nothing is sent ahead: every message goes when the plan says, so the
+        wire's order, evaluations and checkpoints between steps are untouched."""
         stage = plan.stages[0]
         if stage.rank != self.topo.rank or stage.has_head or plan.backward[0]:
             return
@@ -424,22 +446,29 @@ class PipelineRuntime:
         if next_plan.backward[0]:
             return
         micro = [b.to(self.device) for b in nxt.batch.split(micro_batches)]
+        chunk = -(-(stage.hi - stage.lo) // 4)
         for mb in range(micro_batches):
             t0 = time.perf_counter()
-            outputs: dict = {}
             try:
-                self._forward(stage, mb, (0, mb), nxt.step, True, False, next_plan, micro, None, 0, {}, {},
-                              outputs, {})
-                if self.device.type == "cuda":  # the work is done, not only queued, before the next check
-                    torch.cuda.current_stream(self.device).synchronize()
+                with torch.no_grad():
+                    hidden = self.cut.embed(micro[mb].input_ids)
+                    ctx = self.cut.context(hidden, micro[mb].attention_mask)
+                part = self._ahead[(nxt.step, mb)] = AheadForward(hidden, micro[mb].attention_mask, ctx, stage.lo)
+                while part.block < stage.hi:
+                    hi = min(part.block + chunk, stage.hi)
+                    part.hidden = self._blocks(part.block, hi, part.hidden, ctx, next_plan, nxt.step, mb, False,
+                                               True)
+                    part.block = hi
+                    if self.device.type == "cuda":  # the work is done, not only queued, before the next check
+                        torch.cuda.current_stream(self.device).synchronize()
+                    self._emulate(t0)
+                    self.timers.fwd_s += time.perf_counter() - t0
+                    yield mb
+                    t0 = time.perf_counter()
             except Exception as e:
                 raise RuntimeError(f"[rank {self.topo.rank} stage 0 step {nxt.step} mb {mb}: running it ahead, "
-                                   f"during step {nxt.step - 1}'s sum] {e}") from e
-            self._ahead[(nxt.step, mb)] = outputs[(0, mb)]
-            self._emulate(t0)
-            self.timers.fwd_s += time.perf_counter() - t0
+                                   f"during step {nxt.step - 1}'s tail] {e}") from e
             self.timers.lookahead_mb += 1
-            yield mb
 
     def _nonfinite(self, step: int, loss: float, global_sq: float, flags: list[float]) -> str | None:
         """Name the first rank and micro-batch with a non-finite loss or gradient norm, or None."""
@@ -461,7 +490,7 @@ class PipelineRuntime:
         # Eval batches use negative step numbers: their headers never look like a training step's.
         return self._run_batch(plan, -1 - index, False, batch, micro_batches)
 
-    def _run_batch(self, plan, step, train, batch, micro_batches) -> StepStats:
+    def _run_batch(self, plan, step, train, batch, micro_batches, meanwhile=None) -> StepStats:
         topo = self.topo
         micro = [b.to(self.device) for b in batch.split(micro_batches)] if topo.is_initiator else None
         labels, total = None, 0
@@ -474,7 +503,7 @@ class PipelineRuntime:
             total = Batch(all_labels, all_labels).count()
         elif topo.is_initiator and topo.head_rank != 0:
             self.wire.send(topo.head_rank, LABELS, step, 0, [batch.labels])
-        stats = self.execute(plan, step, train, micro, labels, total)
+        stats = self.execute(plan, step, train, micro, labels, total, meanwhile)
         if not train:
             stats.loss *= total  # eval wants loss sums, not the scaled mean
         return stats

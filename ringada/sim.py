@@ -57,9 +57,9 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
     ``msg_cost_per_byte``: see the module docstring). fwd_s / bwd_s are each rank's compute at its speed without
     contention, wait_s the rest of its steps (blocked in receives, or done before the step's end), cpu_s the CPU
     seconds it takes on this machine. pipeline.lookahead: after each step, rank 0 runs the next step's stage 0
-    from its own finish, a micro-batch at a time, while the step lasts (at least one; the last one started may
-    end past it), sharing the cores with the ranks still working, and those forwards cost nothing in the next
-    step. A plateau check (unfreeze.by plateau) evaluates inside its step: run.eval_batches forward-only batches
+    from its own finish, about a quarter of its blocks at a time, while the step lasts (at least one such chunk;
+    the last one started may end past it), sharing the cores with the ranks still working, and that work is not
+    done again in the next step. A plateau check (unfreeze.by plateau) evaluates inside its step: run.eval_batches forward-only batches
     of data.batch_size rows (with run.eval_batches 0, the whole eval set, whose size is not read here, no time);
     ``evaluations`` false leaves them out. ``trainable``: each step's trainable blocks as a run recorded them
     (metrics.jsonl), for a frontier that followed the losses the run saw; without it, the unfreezing schedule
@@ -123,10 +123,23 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
         t = (c.embed_s if st.has_embed else 0.0) + st.num_blocks * c.block_fwd_s
         return t + (c.head_fwd_s if st.has_head else 0.0)
 
-    def stage0_forward(m: int) -> float:
-        return mb_costs[m].embed_s + partition[0] * mb_costs[m].block_fwd_s
+    # pipeline.lookahead runs stage 0 ahead in chunks of about a quarter of its blocks (PipelineRuntime._lookahead)
+    n0 = partition[0]
+    chunk = max(1, -(-n0 // 4))
+    per_mb = max(1, -(-n0 // chunk))
 
-    ahead = 0  # micro-batches of this step's stage 0 that rank 0 ran during the previous step (pipeline.lookahead)
+    def ahead_chunk(g: int) -> float:
+        """The g-th chunk stage 0 runs ahead: micro-batch g // per_mb, the embedding with its first chunk."""
+        m, k = divmod(g, per_mb)
+        return (mb_costs[m].embed_s if k == 0 else 0.0) + (min(n0, (k + 1) * chunk) - k * chunk) * \
+            mb_costs[m].block_fwd_s
+
+    def stage0_left(m: int, done: int) -> float:
+        """Stage 0's forward of micro-batch m once ``done`` chunks of the step ran ahead."""
+        k = min(max(done - m * per_mb, 0), per_mb)
+        return (0.0 if k else mb_costs[m].embed_s) + (n0 - min(n0, k * chunk)) * mb_costs[m].block_fwd_s
+
+    ahead = 0  # chunks of this step's stage 0 that rank 0 ran during the previous step (pipeline.lookahead)
     for step in range(steps):
         frontier, plan = frontier_at(step), plan_at(step)
 
@@ -139,24 +152,24 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
             return trained * c.block_bwd_s + (c.head_bwd_s if st.has_head else 0.0)
 
         def cost(a: sched.Action, ahead=ahead) -> float:
-            if a.mb >= M:  # the next step's stage 0, run ahead at the end of this one
-                return stage0_forward(a.mb - M) / max(speeds[0], 1.0)
-            if a.kind == sched.F and a.stage == 0 and a.mb < ahead:
-                return 0.0  # computed while rank 0 waited for the previous step's end
+            if a.mb >= M:  # a chunk of the next step's stage 0, run ahead at the end of this one
+                return ahead_chunk(a.mb - M) / max(speeds[0], 1.0)
+            if a.kind == sched.F and a.stage == 0 and ahead:  # what rank 0 ran while waiting did not run again
+                return stage0_left(a.mb, ahead) / max(speeds[0], 1.0)
             return here(a) / max(speeds[plan.stages[a.stage].rank], 1.0)
 
         result = sched.simulate_shared(plan.actions, cost, link, cores=cores, slowdown=slowdown, msg_cost=msg)
-        # pipeline.lookahead: from its own finish, rank 0 runs the next step's frozen stage 0 a micro-batch at a
-        # time (at least one: the sum has not come the moment it is posted) while the step lasts; the one it
-        # started last may run past the step's end. Then the step again, with that work on rank 0's list.
+        # pipeline.lookahead: from its own finish, rank 0 runs the next step's frozen stage 0 a chunk at a time
+        # (at least one: the sum has not come the moment it is posted) while the step lasts; the one it started
+        # last may run past the step's end. Then the step again, with that work on rank 0's list.
         ahead = 0
         if lookahead_applies(step, plan, plan_at(step + 1)):
             t = result["finish"][0]
-            while ahead < M and (ahead == 0 or t < result["makespan"]):
+            while ahead < M * per_mb and (ahead == 0 or t < result["makespan"]):
                 t += cost(sched.Action(sched.F, 0, M + ahead)) * (1.0 + slowdown[0])
                 ahead += 1
             actions = [list(acts) for acts in plan.actions]
-            actions[0] += [sched.Action(sched.F, 0, M + m) for m in range(ahead)]
+            actions[0] += [sched.Action(sched.F, 0, M + g) for g in range(ahead)]
             result = sched.simulate_shared(actions, cost, link, cores=cores, slowdown=slowdown, msg_cost=msg)
         step_s = result["makespan"]
         step_times.append(step_s)

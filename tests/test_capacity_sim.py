@@ -512,6 +512,21 @@ def test_simulated_lookahead_by_hand():
         simulate_pipeline(_line_cfg(**full, **{"pipeline.lookahead": "false"}), [1, 1], _unit_costs())["step_s_each"]
 
 
+def test_simulated_lookahead_runs_chunks_and_the_next_step_continues():
+    """line [4, 2], gpipe, 2 micro-batches, the top block trainable, two steps; the lookahead runs a quarter of
+    stage 0 (one block) at a time. Step 1: r0 F F [0, 8]; r1 F [4, 6], F [8, 10], B B [10, 14]. From 8, rank 0
+    runs six one-block chunks until the step ends at 14: step 2's mb 0 whole, and half of mb 1. Step 2: r0 runs
+    mb 1's last two blocks [0, 2]; r1 F [0, 2], F [2, 4], B B [4, 8]. A micro-batch at a time, the lookahead would
+    have run mb 1 whole, to 16, past the step's end."""
+    from ringada.sim import simulate_pipeline
+
+    extra = {"unfreeze.initial": 1, "unfreeze.every": 10, "run.steps": 2}
+    on = simulate_pipeline(_line_cfg(**extra), [4, 2], _unit_costs())
+    off = simulate_pipeline(_line_cfg(**extra, **{"pipeline.lookahead": "false"}), [4, 2], _unit_costs())
+    assert on["step_s_each"] == pytest.approx([14.0, 8.0]) and off["step_s_each"] == pytest.approx([14.0, 14.0])
+    assert on["cpu_s_per_step"] == off["cpu_s_per_step"]
+
+
 def test_step_floor_is_compute_over_cores_or_one_micro_batch_alone(tiny_dirs):
     """The floor of a step: its modelled compute over the cores its ranks can use, or, where cores are plenty,
     the critical path (one micro-batch through every stage), which is shorter than the whole step's compute."""
