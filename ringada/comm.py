@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -308,14 +307,9 @@ class Wire:
         self.counters.add("recv", kind, nbytes)
         return kind, tensors
 
-    def flush(self, meanwhile: Iterator | None = None) -> None:
+    def flush(self) -> None:
         """Wait for every outstanding send (their buffers are kept alive until here); the time a peer takes to
-        receive them counts as waiting. ``meanwhile``: work to run, one item at a time, for as long as a send
-        is still outstanding (it counts as computing, not waiting); what it did not reach is left for later."""
-        if meanwhile is not None:
-            while any(not work.is_completed() for work, *_ in self._pending_sends) and \
-                    next(meanwhile, None) is not None:
-                pass
+        receive them counts as waiting."""
         pending, self._pending_sends = self._pending_sends, []
         t0 = time.perf_counter()
         for work, _, dst, kind, step in pending:

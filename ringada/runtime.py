@@ -28,7 +28,7 @@ from . import config as config_mod
 from . import schedule as sched
 from .adapters import add_adapters, check_target_modules
 from .comm import (ACT, ADAPTERS, CHECKPOINT, GRAD, KIND_NAMES, LABELS, Counters, PeerError, Placement, Wire,
-                   collective, decode_names, encode_names, pack_state, unpack_state)
+                   collective, decode_names, encode_names, link_group, pack_state, unpack_state)
 from .compress import SmashedCodec, link_codecs
 from .config import Config, ConfigError
 from .data import Batch
@@ -202,6 +202,9 @@ class PipelineRuntime:
             link_delay = profile.link_seconds
         self.wire = Wire(topo.rank, self.device, data_groups=place.data_groups, timeout_s=cfg.run.timeout_s,
                          log_messages=cfg.run.message_log, link_delay=link_delay) if topo.world_size > 1 else None
+        # the training step's sum, apart from the messages' group: posted while sends may be in flight (lookahead)
+        self.step_group = link_group(list(range(topo.world_size)), cfg.run.timeout_s) \
+            if topo.world_size > 1 and dist.is_initialized() else None
         self.timers = RankTimers()
         self._plans: dict[tuple, sched.Plan] = {}
         # pipeline.lookahead: (step, micro-batch) -> stage 0's forward, run (or begun) in the previous step's tail
@@ -245,14 +248,15 @@ class PipelineRuntime:
             self.wire.counters.wait_s += time.perf_counter() - since
 
     def all_reduce_sum(self, values: list[float], step: int, action: str,
-                       meanwhile: Iterator[int] | None = None) -> list[float]:
-        """The sum over ranks of ``values``. ``meanwhile``: work to run, one item at a time, for as long as the
-        sum has not arrived (other ranks are still computing); what it did not reach is left undone."""
+                       meanwhile: Iterator[int] | None = None, group=None) -> list[float]:
+        """The sum over ranks of ``values`` (in ``group``: default, the world's). ``meanwhile``: work to run, one
+        item at a time, for as long as the sum has not arrived (other ranks are still computing); what it did
+        not reach is left undone."""
         if self.topo.world_size == 1:
             return values
         t, t0 = torch.tensor(values, dtype=torch.float64), time.perf_counter()
         with collective(self.topo.rank, action, step, self.cfg.run.timeout_s):
-            work = dist.all_reduce(t, async_op=meanwhile is not None)
+            work = dist.all_reduce(t, group=group, async_op=meanwhile is not None)
         if meanwhile is not None:
             while not work.is_completed() and next(meanwhile, None) is not None:
                 pass
@@ -264,9 +268,10 @@ class PipelineRuntime:
 
     # -- the executor
     def execute(self, plan: sched.Plan, step: int, train: bool, micro: list[Batch] | None,
-                labels: list[torch.Tensor] | None, total: int, meanwhile: Iterator | None = None) -> StepStats:
+                labels: list[torch.Tensor] | None, total: int, flush: bool = True) -> StepStats:
         """Run this rank's action list for one global batch. ``micro`` (the initiator) are the micro-batches;
-        ``labels`` (the head holder) their labels; ``total`` the targets counted in the whole batch."""
+        ``labels`` (the head holder) their labels; ``total`` the targets counted in the whole batch. ``flush``
+        false leaves this rank's last sends in flight (the caller flushes them)."""
         rank, wire, stages, backward = self.topo.rank, self.wire, plan.stages, plan.backward
         actions = plan.actions[rank]
         inputs, outputs, masks, grads, losses = {}, {}, {}, {}, {}
@@ -317,8 +322,8 @@ class PipelineRuntime:
                 raise
             except Exception as e:
                 raise RuntimeError(f"[rank {rank} stage {a.stage} step {step} mb {a.mb} action {a}] {e}") from e
-        if wire is not None:
-            wire.flush(meanwhile)
+        if wire is not None and flush:
+            wire.flush()
         if self.topo.holds_head:
             stats.count = total
         return stats
@@ -386,10 +391,11 @@ class PipelineRuntime:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         plan = self.plan(micro_batches, frontier, train=True)
-        # pipeline.lookahead: the next step's first stage, run while this rank waits for its sends to be taken
-        # (the wire's flush) and then for the step's sum
+        # pipeline.lookahead: the next step's first stage, run from this rank's last action until the step's sum
+        # arrives. The sum travels in a group of its own (step_group), so the rank posts it with its last sends
+        # still in flight; once it has arrived every rank has finished the step, so they were all taken.
         meanwhile = None if ahead is None else self._lookahead(plan, ahead, micro_batches)
-        stats = self._run_batch(plan, step, True, batch, micro_batches, meanwhile)
+        stats = self._run_batch(plan, step, True, batch, micro_batches, flush=meanwhile is None)
         grads = [p.grad for p in self.adapters.trainable() if p.grad is not None]
         local_sq = sum(float(g.double().pow(2).sum()) for g in grads)
         # every rank's verdict travels in the same all_reduce as the loss, so all ranks decide alike
@@ -399,7 +405,9 @@ class PipelineRuntime:
         flags[W + r] = float(not math.isfinite(local_sq))
         loss, count, correct, global_sq, *flags = self.all_reduce_sum(
             [stats.loss, stats.count, stats.correct, local_sq, *flags], step, "summing the step's loss and gradient norm",
-            meanwhile=meanwhile)
+            meanwhile=meanwhile, group=self.step_group)
+        if meanwhile is not None and self.wire is not None:
+            self.wire.flush()
         for key in [k for k in self._ahead if k[0] <= step]:
             del self._ahead[key]  # what this step did not use (its plan needed a graph there) is of no further use
         nonfinite = self._nonfinite(step, loss, global_sq, flags)
@@ -490,7 +498,7 @@ class PipelineRuntime:
         # Eval batches use negative step numbers: their headers never look like a training step's.
         return self._run_batch(plan, -1 - index, False, batch, micro_batches)
 
-    def _run_batch(self, plan, step, train, batch, micro_batches, meanwhile=None) -> StepStats:
+    def _run_batch(self, plan, step, train, batch, micro_batches, flush=True) -> StepStats:
         topo = self.topo
         micro = [b.to(self.device) for b in batch.split(micro_batches)] if topo.is_initiator else None
         labels, total = None, 0
@@ -503,7 +511,7 @@ class PipelineRuntime:
             total = Batch(all_labels, all_labels).count()
         elif topo.is_initiator and topo.head_rank != 0:
             self.wire.send(topo.head_rank, LABELS, step, 0, [batch.labels])
-        stats = self.execute(plan, step, train, micro, labels, total, meanwhile)
+        stats = self.execute(plan, step, train, micro, labels, total, flush)
         if not train:
             stats.loss *= total  # eval wants loss sums, not the scaled mean
         return stats
