@@ -438,9 +438,10 @@ class PipelineRuntime:
         When stage 0 holds no trainable adapter in this step nor in the next one, its output for the next step
         depends only on that step's batch and frozen weights that no optimizer step changes, so it can be
         computed now, exactly as the next step would compute it (same code, same dropout seeds, drawn per
-        block). The rank runs these forwards while its sends are in flight and the step's sum is on its way,
-        and stops as soon as both are done: it takes only time it would have waited, and at most a quarter of
-        a stage's forward past it. A micro-batch left half done is continued by the next step's forward from
+        block). The rank posts the step's sum with its last sends still in flight (the sum has a group of its
+        own; gloo tells a send is done only when it is waited on) and runs these forwards until the sum has
+        come, which every rank posts only once it has received all its messages of the step: it takes only
+        time it would have waited, and at most a quarter of a stage's forward past it. A micro-batch left half done is continued by the next step's forward from
         the block where it stopped; the next step starts its first sends at once, and the ranks above start
         their work that much earlier. Nothing is sent ahead: every message goes when the plan says, so the
         wire's order, evaluations and checkpoints between steps are untouched."""
