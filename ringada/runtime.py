@@ -404,8 +404,8 @@ class PipelineRuntime:
         flags[r] = stats.nonfinite_mb + 1.0
         flags[W + r] = float(not math.isfinite(local_sq))
         loss, count, correct, global_sq, *flags = self.all_reduce_sum(
-            [stats.loss, stats.count, stats.correct, local_sq, *flags], step, "summing the step's loss and gradient norm",
-            meanwhile=meanwhile, group=self.step_group)
+            [stats.loss, stats.count, stats.correct, local_sq, *flags], step,
+            "summing the step's loss and gradient norm", meanwhile=meanwhile, group=self.step_group)
         if meanwhile is not None and self.wire is not None:
             self.wire.flush()
         for key in [k for k in self._ahead if k[0] <= step]:
@@ -441,10 +441,11 @@ class PipelineRuntime:
         block). The rank posts the step's sum with its last sends still in flight (the sum has a group of its
         own; gloo tells a send is done only when it is waited on) and runs these forwards until the sum has
         come, which every rank posts only once it has received all its messages of the step: it takes only
-        time it would have waited, and at most a quarter of a stage's forward past it. A micro-batch left half done is continued by the next step's forward from
-        the block where it stopped; the next step starts its first sends at once, and the ranks above start
-        their work that much earlier. Nothing is sent ahead: every message goes when the plan says, so the
-        wire's order, evaluations and checkpoints between steps are untouched."""
+        time it would have waited, and at most a quarter of a stage's forward past it. A micro-batch left half
+        done is continued by the next step's forward from the block where it stopped; the next step starts its
+        first sends at once, and the ranks above start their work that much earlier. Nothing is sent ahead:
+        every message goes when the plan says, so the wire's order, evaluations and checkpoints between steps
+        are untouched."""
         stage = plan.stages[0]
         if stage.rank != self.topo.rank or stage.has_head or plan.backward[0]:
             return

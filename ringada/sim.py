@@ -59,8 +59,9 @@ def simulate_pipeline(cfg: Config, partition: list[int], costs: Costs, profile: 
     seconds it takes on this machine. pipeline.lookahead: after each step, rank 0 runs the next step's stage 0
     from its own finish, about a quarter of its blocks at a time, while the step lasts (at least one such chunk;
     the last one started may end past it), sharing the cores with the ranks still working, and that work is not
-    done again in the next step. A plateau check (unfreeze.by plateau) evaluates inside its step: run.eval_batches forward-only batches
-    of data.batch_size rows (with run.eval_batches 0, the whole eval set, whose size is not read here, no time);
+    done again in the next step. A plateau check (unfreeze.by plateau) evaluates inside its step:
+    run.eval_batches forward-only batches of data.batch_size rows (with run.eval_batches 0, the whole eval set,
+    whose size is not read here, no time);
     ``evaluations`` false leaves them out. ``trainable``: each step's trainable blocks as a run recorded them
     (metrics.jsonl), for a frontier that followed the losses the run saw; without it, the unfreezing schedule
     with no plateau."""
