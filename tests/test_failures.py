@@ -152,9 +152,13 @@ def test_a_silent_peer_is_an_error_naming_rank_peer_step_and_action(tmp_path, ti
     finally:
         _kill_all(procs)
     assert noticed < 4 * 3, noticed
+    timeout, gone = "failed (no answer within run.timeout_s=4 s", "failed (the peer's process or box is gone)"
     for r in (0, 2):
         assert procs[r].returncode == 1, logs[r][-2000:]
-        assert f"ringada: error: rank {r}: " in logs[r] and "failed (no answer within run.timeout_s=4 s" in logs[r]
+        assert f"ringada: error: rank {r}: " in logs[r] and (timeout in logs[r] or gone in logs[r]), logs[r][-2000:]
+    # the first survivor to notice can only have run out of time (rank 1's sockets stay open); the other may see
+    # that one exit first and then names it as gone, which is just as true
+    assert timeout in logs[0] or timeout in logs[2], (logs[0][-2000:], logs[2][-2000:])
     # a rank waiting on rank 1 point to point names it; one waiting in the step's all_reduce cannot know who
     both = logs[0] + logs[2]
     assert "with rank 1 at step" in both or "with the other ranks (a collective" in both
