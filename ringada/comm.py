@@ -207,9 +207,22 @@ class Counters:
             self.messages_recv += 1
 
 
+@dataclass(frozen=True, eq=False)
+class _Held:
+    """One tensor of a message in flight: its buffer stays alive until the send has been waited on."""
+
+    work: object
+    buffer: torch.Tensor
+    dst: int
+    kind: int
+    step: int
+    micro_batch: int
+
+
 class Wire:
     """Point-to-point messages of one rank, every (src, dst) channel in sending order (Note: wire format).
-    ``sent_log`` records (kind, dst, step, mb) of every send."""
+    ``sent_log`` records (kind, dst, step, mb) of every send; ``held_peak_bytes`` is the most bytes of sent
+    messages held at once, waiting to be released (:meth:`flush`, :meth:`release`)."""
 
     def __init__(self, rank: int, device: torch.device | None = None, *, group=None, data_groups=None,
                  timeout_s: float | None = None, deadline_s: float | None = None, log_messages: bool = False,
@@ -229,7 +242,9 @@ class Wire:
         self.counters = Counters()
         self.log_messages = log_messages
         self.sent_log: list[tuple[int, int, int, int]] = []
-        self._pending_sends: list = []
+        self._pending_sends: list[_Held] = []
+        self._held_bytes = 0
+        self.held_peak_bytes = 0
 
     def _payload_group(self, src: int, dst: int):
         if self.data_groups is None:
@@ -252,13 +267,17 @@ class Wire:
         elif self.data_groups is not None:
             tensors = [t.to(self.device) for t in tensors]  # NCCL moves CUDA tensors only (names, shapes too)
         try:
-            self._pending_sends.append((dist.isend(header, dst, group=self.group), header, dst, kind, step))
+            self._pending_sends.append(_Held(dist.isend(header, dst, group=self.group), header, dst, kind, step,
+                                             micro_batch))
             payload = self._payload_group(self.rank, dst)
             for t in tensors:
-                self._pending_sends.append((dist.isend(t, dst, group=payload), t, dst, kind, step))
+                self._pending_sends.append(_Held(dist.isend(t, dst, group=payload), t, dst, kind, step, micro_batch))
         except RuntimeError as e:
             raise self._error(dst, step, f"sending {KIND_NAMES[kind]} (mb {micro_batch})", e) from e
-        self.counters.add("sent", kind, HEADER_BYTES + payload_bytes(tensors))
+        nbytes = HEADER_BYTES + payload_bytes(tensors)
+        self._held_bytes += nbytes
+        self.held_peak_bytes = max(self.held_peak_bytes, self._held_bytes)
+        self.counters.add("sent", kind, nbytes)
         if self.log_messages:
             self.sent_log.append((kind, dst, step, micro_batch))
 
@@ -312,31 +331,32 @@ class Wire:
         receive them counts as waiting."""
         pending, self._pending_sends = self._pending_sends, []
         t0 = time.perf_counter()
-        for work, _, dst, kind, step in pending:
-            try:
-                self._wait(work)
-            except RuntimeError as e:
-                raise self._error(dst, step, f"sending {KIND_NAMES[kind]}", e) from e
+        self._settle(pending)
         self.counters.wait_s += time.perf_counter() - t0
 
-    def reap(self) -> None:
-        """Release the sends that have completed, without waiting for the others (a long stream of messages,
-        e.g. decoding, whose sends must not pile up until one ``flush`` at the end)."""
-        still = []
-        for entry in self._pending_sends:
-            work, _, dst, kind, step = entry
-            if not work.is_completed():
-                still.append(entry)
-                continue
+    def release(self, micro_batch: int, before_step: int) -> None:
+        """Release the sends of ``micro_batch`` from steps before ``before_step``, which the caller knows were
+        taken: a later message of that micro-batch has come back round after them (decoding's passes). Waiting
+        on them returns at once, and it is needed: gloo tells a send is done only once it is waited on, so a
+        long stream of messages would otherwise hold every buffer until one ``flush`` at the end."""
+        done = [h for h in self._pending_sends if h.micro_batch == micro_batch and h.step < before_step]
+        if done:
+            self._pending_sends = [h for h in self._pending_sends
+                                   if not (h.micro_batch == micro_batch and h.step < before_step)]
+            self._settle(done)
+
+    def _settle(self, held: list[_Held]) -> None:
+        for h in held:
             try:
-                work.wait()  # returns at once; raises if the send failed
+                self._wait(h.work)
             except RuntimeError as e:
-                raise self._error(dst, step, f"sending {KIND_NAMES[kind]}", e) from e
-        self._pending_sends = still
+                raise self._error(h.dst, h.step, f"sending {KIND_NAMES[h.kind]}", e) from e
+            self._held_bytes -= h.buffer.numel() * h.buffer.element_size()
 
     def abandon(self) -> None:
         """Forget every outstanding send (the peer is gone; nothing will complete)."""
         self._pending_sends.clear()
+        self._held_bytes = 0
 
     def _wait(self, work) -> None:
         if self.deadline_s is None:

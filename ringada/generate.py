@@ -325,6 +325,9 @@ class RingDecoder:
             try:
                 if a.kind == "r":
                     kind, tensors = wire.recv_either(a.peer, (ACT, END), a.pos, a.mb)
+                    # pass p of this micro-batch started only once pass p - 1 had gone through every rank, so
+                    # what this rank sent of its earlier passes was taken: free those buffers as it goes
+                    wire.release(a.mb, a.pos)
                     if kind == END:
                         f.ended_at, f.cache = a.pos, None
                     else:
@@ -340,7 +343,6 @@ class RingDecoder:
                         first = a.pos == 0 and a.peer != 0
                         wire.send(a.peer, ACT, a.pos, a.mb, [f.hidden, f.mask] if first else [f.hidden])
                         f.hidden = None
-                    wire.reap()
                 elif ending:
                     continue
                 elif a.kind == "F":
@@ -533,7 +535,8 @@ def generate(cfg: Config, adapter_dir: str | Path, prompts: list[str | list[int]
             log.info("wave of %d micro-batches done in %.2fs", len(wave), t1 - t0)
         wall = time.perf_counter() - started
         own = {"rank": rank, "blocks": list(topo.blocks), "model_bytes": decoder.model_bytes,
-               "kv_cache_peak_bytes": decoder.kv_peak_bytes, "compute_s": decoder.compute_s}
+               "kv_cache_peak_bytes": decoder.kv_peak_bytes, "compute_s": decoder.compute_s,
+               "sends_held_peak_bytes": wire.held_peak_bytes if wire else 0}
         with collective(rank, "gathering every rank's figures", passes, cfg.run.timeout_s):
             ranks = gather_rank_rows(world_size, own, wire.counters if wire else Counters())
         if rank != 0:

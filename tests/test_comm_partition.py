@@ -42,6 +42,37 @@ def test_counters_of_several_links_add_up():
     assert total.recv_by_kind == {"gradient": [1, 40]}
 
 
+def test_a_wire_releases_only_the_sends_it_is_told_were_taken_and_counts_what_it_holds(monkeypatch):
+    """gloo tells a send is done only once it is waited on: the wire waits on (and frees) exactly the sends of
+    the micro-batch's earlier steps, and every other one at flush."""
+
+    class Work:
+        waited = False
+
+        def wait(self, timeout=None):
+            self.waited = True
+
+    works, wire, msg = [], comm.Wire(0), comm.HEADER_BYTES + 4 * 4
+    monkeypatch.setattr(comm.dist, "isend", lambda *args, **kwargs: works.append(Work()) or works[-1])
+    sent = [(step, mb) for step in range(3) for mb in range(2)]
+    for step, mb in sent:
+        wire.send(1, comm.ACT, step, mb, [torch.ones(4)])  # a header and a tensor: two sends each
+
+    def waited():
+        return {sent[i // 2] for i, w in enumerate(works[:12]) if w.waited}
+
+    assert len(works) == 12 and wire.held_peak_bytes == 6 * msg and not waited()
+    wire.release(0, 2)
+    assert waited() == {(0, 0), (1, 0)}
+    wire.release(0, 2)  # nothing more there
+    wire.send(1, comm.ACT, 3, 0, [torch.ones(4)])
+    assert wire.held_peak_bytes == 6 * msg  # the released bytes made room
+    wire.flush()
+    assert all(w.waited for w in works)
+    wire.send(1, comm.ACT, 4, 0, [torch.ones(4)])
+    assert wire.held_peak_bytes == 6 * msg  # flush freed everything
+
+
 def test_state_packs_into_three_tensors_and_back():
     state = {"b.weight": torch.randn(3, 4), "a.bias": torch.randn(7), "c.scalar": torch.tensor(2.5)}
     packed = comm.pack_state(state)

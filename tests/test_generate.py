@@ -193,6 +193,9 @@ def test_ring_of_three_equals_peft_generate(pool3, tiny_adapters, tmp_path):
     assert kv[0] == 0 and 0 < kv[1] < kv[2]
     assert ranks[1]["model_bytes"] < ranks[2]["model_bytes"]
     assert all(r["sent_by_kind"]["activation"]["messages"] > 0 for r in ranks)
+    # a rank frees what it sent of a pass once the micro-batch's next pass comes round; without that it would
+    # hold every byte it sent in the wave (one here) until the wave's end (rank 0 also holds the adapters it sent)
+    assert all(r["sends_held_peak_bytes"] < r["bytes_sent"] / 2 for r in ranks[1:]), ranks
 
 
 def _ring_check(pool, dirs, tmp_path, partition, batch, in_flight):
